@@ -1,0 +1,193 @@
+"""The public entry points: optimize (torch only) and compile (optimize → lower → build → package)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from fxopt import artifact, ir, spec
+from fxopt import verify as verification
+from fxopt.errors import InputError, VerificationError
+from fxopt.pass_manager import Pass, PassContext, apply
+from fxopt.report import Report
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class Optimized:
+    """The optimized graph (a normal nn.Module) and what each pass did."""
+
+    module: fx.GraphModule
+    report: Report
+    example_inputs: tuple[torch.Tensor, ...]
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    pipeline: Pass | Sequence | str = "default",
+    verify: str = "end",
+    *,
+    target: Any = None,
+    leaf_modules: Sequence[type | str] = (),
+) -> Optimized:
+    """Trace ``model`` and run ``pipeline`` on it; outputs are checked against the eager model.
+
+    ``pipeline`` is a named pipeline ("default", "none"), a TOML file, a one-line text
+    ("canonicalize,fold_bn"), a list, or a Pass. ``verify`` is "each" (after every pass that
+    changed the graph), "end" or "off". The model itself is never modified.
+    """
+    from fxopt.targets import get_target
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ir.check_eval_mode(model)
+    resolved_target = get_target(target) if target is not None else None
+    pipe = spec.resolve(pipeline)
+    gm = ir.trace(model, example_inputs, leaf_modules)
+    inputs = ir.check_example_inputs(model, example_inputs)
+    report = Report(model=type(model).__name__, capture=gm.meta["fxopt"]["capture"], pipeline=spec.to_text(pipe.spec()))
+    ctx = PassContext(example_inputs=inputs, target=resolved_target, verify=verify, reference=model, report=report)
+    apply(pipe, gm, ctx)
+    ir.propagate_shapes(gm, inputs)
+    if verify != "off":
+        verification.check_ir(gm, inputs)
+        comparison = verification.check_equivalent(ctx.reference, gm, inputs)
+        report.verification = {"against": "eager", **comparison.to_json()}
+    return Optimized(gm, report, inputs)
+
+
+def _flat_outputs(outputs: Any) -> tuple[list[torch.Tensor], Any]:
+    leaves, tree = pytree.tree_flatten(outputs)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise InputError(f"model output {i} is a {type(leaf).__name__}: compiled models must return tensors only")
+    return leaves, tree
+
+
+@dataclass
+class Compiled:
+    """A model compiled for a target: run it (on a target that runs here) or export a build directory."""
+
+    module: fx.GraphModule
+    report: Report
+    target: Any
+    library: Any  # fxopt.targets.tvm_backend.CompiledLibrary
+    example_inputs: tuple[torch.Tensor, ...]
+    expected_outputs: list[torch.Tensor]
+    output_tree: Any
+    tvm_target: dict = field(default_factory=dict)
+
+    def run(self, *tensors: torch.Tensor) -> Any:
+        """Outputs for ``tensors``, with the eager model's output structure."""
+        outputs = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*tensors)]
+        return pytree.tree_unflatten(outputs, self.output_tree)
+
+    def export(self, path: str | Path, force: bool = False) -> Path:
+        """Write a deployment directory (complete or absent) and return its path."""
+        input_names = [n.name for n in self.module.graph.nodes if n.op == "placeholder"]
+        output_names = [f"output_{i}" for i in range(len(self.expected_outputs))]
+        manifest = {
+            "model": self.report.model,
+            "target": self.target.to_json(),
+            "tvm_target": self.tvm_target,
+            "library": self.target.library,
+            "pipeline": self.report.pipeline,
+            "capture": self.report.capture,
+            "inputs": artifact.tensor_entries(input_names, self.example_inputs, "input"),
+            "outputs": artifact.tensor_entries(output_names, self.expected_outputs, "expected_output"),
+            "output_tree": pytree.treespec_dumps(self.output_tree),
+            "tolerance": {"rtol": verification.BUILD_TOLERANCE[0], "atol": verification.BUILD_TOLERANCE[1],
+                          "atol_is_relative_to": "max |expected output|"},
+            "versions": _versions(),
+        }
+        return artifact.write(
+            path, manifest=manifest, inputs=self.example_inputs, outputs=self.expected_outputs,
+            save_library=lambda directory: self.library.save(directory / self.target.library),
+            report=self.report.to_json(), force=force,
+        )
+
+
+def _versions() -> dict[str, str]:
+    from fxopt.targets import tvm_backend
+
+    return {"fxopt": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), **tvm_backend.versions()}
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    target: Any = "host",
+    pipeline: Pass | Sequence | str | None = None,
+    verify: str = "end",
+    *,
+    leaf_modules: Sequence[type | str] = (),
+) -> Compiled:
+    """optimize → lower to Relax → build for ``target``; on a target that runs here, check the build
+    against the eager model before returning it. ``pipeline`` defaults to the target's."""
+    from fxopt.targets import get_target, tvm_backend
+
+    resolved = get_target(target)
+    optimized = optimize(model, example_inputs, resolved.pipeline if pipeline is None else pipeline, verify,
+                         target=resolved, leaf_modules=leaf_modules)
+    inputs = optimized.example_inputs
+    expected, tree = _flat_outputs(verification.run_reference(model, inputs))
+    start = time.perf_counter()
+    relax_module = tvm_backend.lower(optimized.module, inputs)
+    lowered = time.perf_counter()
+    library = tvm_backend.build(relax_module, resolved)
+    built = time.perf_counter()
+    report = optimized.report
+    report.build = {"target": resolved.name, "lower_s": round(lowered - start, 3), "build_s": round(built - lowered, 3)}
+    compiled = Compiled(optimized.module, report, resolved, library, inputs, expected, tree,
+                        tvm_backend.resolve_target(resolved))
+    if verify != "off" and resolved.runs_here():
+        actual = [torch.from_numpy(np.asarray(o)) for o in library.run(*inputs)]
+        comparison = verification.compare_outputs(expected, actual, *verification.BUILD_TOLERANCE)
+        report.build["check"] = comparison.to_json()
+        if not comparison.ok:
+            raise VerificationError(
+                f"the {resolved.name} build of {report.model} does not match eager PyTorch: {comparison.detail}"
+            )
+    return compiled
+
+
+@dataclass
+class Loaded:
+    """A build directory whose files matched their manifest."""
+
+    manifest: artifact.Manifest
+    target: Any
+    library: Any
+    output_tree: Any
+
+    def run(self, *tensors: torch.Tensor) -> Any:
+        outputs = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*tensors)]
+        return pytree.tree_unflatten(outputs, self.output_tree)
+
+    def check(self) -> verification.Comparison:
+        """Run the golden input and compare with the expected output, at the build's tolerance."""
+        tolerance = self.manifest.data["tolerance"]
+        actual = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*self.manifest.golden_inputs())]
+        return verification.compare_outputs(self.manifest.golden_outputs(), actual, tolerance["rtol"], tolerance["atol"])
+
+
+def load(path: str | Path) -> Loaded:
+    """Open a build directory: every file is checked against the manifest before anything runs."""
+    from fxopt.targets import get_target, tvm_backend
+
+    manifest = artifact.read_manifest(path)
+    data = manifest.data
+    target = get_target(data["target"]["name"])
+    library = tvm_backend.load(manifest.file(data["library"]), target)
+    return Loaded(manifest, target, library, pytree.treespec_loads(data["output_tree"]))

@@ -1,0 +1,145 @@
+"""Deployment directories: complete or absent, checked before anything runs.
+
+A build directory holds the compiled library, golden inputs and expected outputs (.npy), the
+report (report.json) and manifest.json, which lists inputs/outputs (names, shapes, dtypes), the
+target, tool versions, the pipeline spec and the sha256 of every other file. It is written to a
+temporary sibling directory and renamed into place, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fxopt.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = "fxopt-build/1"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_build(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(path: Path, force: bool) -> None:
+    """An existing path may be replaced only if it is an fxopt build, an empty directory, or forced."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ArtifactError(f"output path {path} exists and is a file: choose another output directory")
+    if force or is_build(path) or not any(path.iterdir()):
+        return
+    raise ArtifactError(
+        f"output directory {path} exists and is not an fxopt build: choose another output directory, "
+        "or pass --force (force=True) to replace it"
+    )
+
+
+def tensor_entries(names: Sequence[str], tensors: Sequence[torch.Tensor], prefix: str) -> list[dict[str, Any]]:
+    return [{"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+             "golden": f"{prefix}_{i}.npy"} for i, (name, t) in enumerate(zip(names, tensors))]
+
+
+def write(
+    path: str | Path,
+    *,
+    manifest: dict[str, Any],
+    inputs: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+    save_library: Callable[[Path], Path],
+    report: dict[str, Any],
+    force: bool = False,
+) -> Path:
+    """Write a complete build directory at ``path`` (atomically replacing an earlier build)."""
+    path = Path(path).resolve()
+    check_destination(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        files = [save_library(staging).name]
+        for entry, tensor in zip(manifest["inputs"], inputs):
+            np.save(staging / entry["golden"], tensor.detach().cpu().numpy())
+            files.append(entry["golden"])
+        for entry, tensor in zip(manifest["outputs"], outputs):
+            np.save(staging / entry["golden"], tensor.detach().cpu().numpy())
+            files.append(entry["golden"])
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        files.append("report.json")
+        full = {"format": FORMAT, **manifest, "files": {name: sha256(staging / name) for name in sorted(files)}}
+        (staging / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        _swap_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(staging: Path, path: Path) -> None:
+    if path.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        path.rename(retired / "build")
+        staging.rename(path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(path)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    data: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def golden_inputs(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.load(self.file(e["golden"]))) for e in self.data["inputs"]]
+
+    def golden_outputs(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.load(self.file(e["golden"]))) for e in self.data["outputs"]]
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest of a build directory, after checking every file against its sha256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not an fxopt build: {MANIFEST} is missing (build one with `fxopt build`)")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}): the build is damaged, rebuild it") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path}: unknown build format {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r}")
+    for key in ("files", "inputs", "outputs", "target"):
+        if key not in data:
+            raise ArtifactError(f"{manifest_path} has no '{key}' entry: the build is damaged, rebuild it")
+    for name, digest in data["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"{file} is listed in the manifest but missing: the build is incomplete, rebuild it")
+        if sha256(file) != digest:
+            raise ArtifactError(f"{file} does not match its sha256 in {MANIFEST}: the file was modified or damaged, rebuild")
+    for entry in data["inputs"] + data["outputs"]:
+        if entry.get("golden") not in data["files"]:
+            raise ArtifactError(f"{manifest_path}: golden file of '{entry.get('name')}' is not covered by the manifest's sha256 list")
+    return Manifest(path, data)

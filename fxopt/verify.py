@@ -1,0 +1,128 @@
+"""Verification: IR invariants and numerical equivalence with a reference model.
+
+Tolerances are relative to the output's scale: an output passes when
+``|actual - expected| <= atol * max|expected| + rtol * |expected|`` element-wise
+(torch.testing.assert_close with atol scaled). fp32 defaults: rtol 1e-4, atol 1e-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from fxopt import ir
+from fxopt.errors import VerificationError
+
+PASS_TOLERANCE = (1e-4, 1e-5)  # (rtol, atol relative to output scale): fx rewrites
+BUILD_TOLERANCE = (1e-4, 1e-4)  # compiled code reorders accumulation more freely
+
+
+def check_ir(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] = ()) -> None:
+    """graph.lint, every module and attribute reference resolves, shapes propagate."""
+    try:
+        gm.graph.lint()
+    except Exception as exc:
+        raise VerificationError(f"graph is malformed: {exc}") from exc
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            try:
+                ir.get_attr_value(gm, node.target)
+            except AttributeError as exc:
+                raise VerificationError(f"{ir.source_of(node)} refers to '{node.target}', which does not exist") from exc
+    if example_inputs:
+        try:
+            ir.propagate_shapes(gm, example_inputs)
+        except Exception as exc:
+            raise VerificationError(f"shapes do not propagate through the graph: {exc}") from exc
+
+
+def random_inputs_like(example_inputs: Sequence[torch.Tensor], seed: int) -> tuple[torch.Tensor, ...]:
+    """Seeded random tensors of the example inputs' shapes; integer and bool inputs are kept."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(x.shape, generator=generator, dtype=x.dtype) if x.is_floating_point() else x.clone()
+        for x in example_inputs
+    )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ok: bool
+    max_abs_error: float
+    max_rel_error: float  # max |actual - expected| / max |expected|
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                **({"detail": self.detail} if self.detail else {})}
+
+
+def compare_outputs(expected: Any, actual: Any, rtol: float, atol: float) -> Comparison:
+    """Compare two output structures (tensors, tuples, lists, dicts) with scale-relative tolerance."""
+    expected_leaves, expected_spec = pytree.tree_flatten(expected)
+    actual_leaves, actual_spec = pytree.tree_flatten(actual)
+    if expected_spec != actual_spec:
+        return Comparison(False, float("inf"), float("inf"), f"output structure differs: {expected_spec} vs {actual_spec}")
+    worst_abs = worst_rel = 0.0
+    problems = []
+    for index, (e, a) in enumerate(zip(expected_leaves, actual_leaves)):
+        if not isinstance(e, torch.Tensor):
+            if e != a:
+                problems.append(f"output {index}: {a!r} != {e!r}")
+            continue
+        a = torch.as_tensor(a)
+        if a.shape != e.shape or a.dtype != e.dtype:
+            problems.append(f"output {index}: got {tuple(a.shape)} {a.dtype}, expected {tuple(e.shape)} {e.dtype}")
+            worst_abs = worst_rel = float("inf")
+            continue
+        if not e.is_floating_point():
+            if not torch.equal(a, e):
+                problems.append(f"output {index}: integer values differ")
+            continue
+        e64, a64 = e.detach().double(), a.detach().double()
+        scale = float(e64.abs().max()) if e64.numel() else 0.0
+        error = float((a64 - e64).abs().max()) if e64.numel() else 0.0
+        worst_abs = max(worst_abs, error)
+        worst_rel = max(worst_rel, error / scale if scale > 0 else error)
+        try:
+            torch.testing.assert_close(a64, e64, rtol=rtol, atol=atol * max(scale, 1e-30), equal_nan=True)
+        except AssertionError as exc:
+            first = str(exc).strip().splitlines()
+            problems.append(f"output {index} {tuple(e.shape)}: max abs error {error:.3g} at output scale {scale:.3g}; "
+                            + (first[1].strip() if len(first) > 1 else first[0]))
+    return Comparison(not problems, worst_abs, worst_rel, "; ".join(problems))
+
+
+def run_reference(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def check_equivalent(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    rtol: float = PASS_TOLERANCE[0],
+    atol: float = PASS_TOLERANCE[1],
+    trials: int = 2,
+    seed: int = 0,
+) -> Comparison:
+    """Outputs of ``candidate`` equal ``reference`` on the example inputs and ``trials`` seeded random ones.
+
+    Raises VerificationError on the first mismatch; returns the worst comparison otherwise.
+    """
+    worst = Comparison(True, 0.0, 0.0)
+    for trial in range(trials + 1):
+        inputs = tuple(example_inputs) if trial == 0 else random_inputs_like(example_inputs, seed + trial)
+        comparison = compare_outputs(run_reference(reference, inputs), run_reference(candidate, inputs), rtol, atol)
+        if not comparison.ok:
+            which = "the example inputs" if trial == 0 else f"random inputs (seed {seed + trial})"
+            raise VerificationError(f"outputs differ from the reference on {which}: {comparison.detail}")
+        if comparison.max_rel_error >= worst.max_rel_error:
+            worst = comparison
+    return worst

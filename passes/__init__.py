@@ -1,0 +1,3 @@
+"""fxopt's passes, one module per pass family; importing this package registers them all."""
+
+from fxopt.passes import canonicalize, fold_bn  # noqa: F401
