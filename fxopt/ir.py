@@ -31,7 +31,10 @@ from fxopt.errors import InputError, TraceError
 
 
 class _FxoptTracer(fx.Tracer):
-    """Module-level tracer that remembers which submodule it is inside, for error messages."""
+    """Module-level tracer that remembers which submodule it is inside, for error messages.
+
+    ``leaf_modules`` adds leaves: classes, or strings naming a module path or a class name.
+    """
 
     def __init__(self, leaf_modules: Sequence[type | str] = ()):
         super().__init__()
@@ -40,7 +43,10 @@ class _FxoptTracer(fx.Tracer):
         self.scopes: list[tuple[str, type]] = []  # (qualname, class) of the modules being traced
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.extra_leaf_names or isinstance(m, self.extra_leaf_types):
+        names = self.extra_leaf_names
+        if qualname in names or type(m).__name__ in names or type(m).__qualname__ in names:
+            return True
+        if isinstance(m, self.extra_leaf_types):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -441,7 +447,7 @@ def classify(node: fx.Node, gm: fx.GraphModule | None = None) -> OpForm | None:
         return None
     if node.op == "call_method" and node.target in _METHODS:
         key, canonical, inplace = _METHODS[node.target]
-        return _function_form(key, canonical, canonical, tuple(node.args), dict(node.kwargs), inplace)
+        return _function_form(key, canonical, node.target, tuple(node.args), dict(node.kwargs), inplace)
     return None
 
 

@@ -134,6 +134,10 @@ def apply(p: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if getattr(exc, "pass_name", None) is None:
             exc = _wrap(p, ctx, exc, type(exc))
         raise exc
+    except FxoptError as exc:
+        if p.composite:
+            raise  # a child pass already said which pass failed
+        raise _wrap(p, ctx, exc, PassError) from exc
     except Exception as exc:
         wrapped = _wrap(p, ctx, exc, PassError)
         raise wrapped from exc

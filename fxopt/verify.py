@@ -91,9 +91,9 @@ def compare_outputs(expected: Any, actual: Any, rtol: float, atol: float) -> Com
         try:
             torch.testing.assert_close(a64, e64, rtol=rtol, atol=atol * max(scale, 1e-30), equal_nan=True)
         except AssertionError as exc:
-            first = str(exc).strip().splitlines()
-            problems.append(f"output {index} {tuple(e.shape)}: max abs error {error:.3g} at output scale {scale:.3g}; "
-                            + (first[1].strip() if len(first) > 1 else first[0]))
+            mismatched = [line.strip() for line in str(exc).splitlines() if line.startswith("Mismatched")]
+            problems.append(f"output {index} {tuple(e.shape)}: max abs error {error:.3g} at output scale {scale:.3g}"
+                            + (f" ({mismatched[0]})" if mismatched else ""))
     return Comparison(not problems, worst_abs, worst_rel, "; ".join(problems))
 
 

@@ -1,0 +1,190 @@
+"""The ``fxopt`` command: build | check | passes | targets."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from fxopt.errors import FxoptError, InputError
+
+log = logging.getLogger("fxopt")
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise InputError(f"--input-shape {text!r} is not a shape: write positive sizes joined by 'x', e.g. 1x3x224x224")
+    return shape
+
+
+def load_model_factory(spec: str):
+    """``path/to/file.py:factory`` or ``package.module:factory`` → the factory callable."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise InputError(f"MODEL {spec!r} must be 'path/to/file.py:factory' or 'package.module:factory'")
+    try:
+        if module_part.endswith(".py") or "/" in module_part:
+            path = Path(module_part)
+            if not path.is_file():
+                raise InputError(f"MODEL {spec!r}: file {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[path.stem] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_part)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"MODEL {spec!r}: cannot import {module_part}: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise InputError(f"MODEL {spec!r}: {module_part} has no attribute {attr!r}")
+    if not callable(factory):
+        raise InputError(f"MODEL {spec!r}: {attr!r} is a {type(factory).__name__}, not a callable that returns a model")
+    return factory
+
+
+def build_model(spec: str):
+    import torch
+
+    factory = load_model_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise InputError(f"MODEL {spec!r}: calling {spec.rpartition(':')[2]}() failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"MODEL {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import torch
+
+    import fxopt
+    from fxopt import artifact
+    from fxopt.targets import get_target
+
+    target = get_target(args.target)  # unknown targets fail before any work
+    artifact.check_destination(Path(args.output).resolve(), args.force)
+    shapes = [parse_shape(s) for s in args.input_shape]
+    dtypes = args.input_dtype or ["float32"]
+    if len(dtypes) not in (1, len(shapes)):
+        raise InputError(f"give one --input-dtype for all inputs or one per --input-shape ({len(shapes)}), got {len(dtypes)}")
+    dtypes = dtypes * len(shapes) if len(dtypes) == 1 else dtypes
+    model = build_model(args.model)
+    if model.training:
+        log.info("calling .eval() on the model: a deployment build is for inference")
+        model.eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = []
+    for shape, dtype in zip(shapes, dtypes):
+        torch_dtype = getattr(torch, dtype)
+        if torch_dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(torch_dtype))
+        else:
+            inputs.append(torch.randint(0, 2 if torch_dtype == torch.bool else 10, shape, generator=generator).to(torch_dtype))
+    compiled = fxopt.compile(model, tuple(inputs), target=target, pipeline=args.pipeline, verify=args.verify,
+                             leaf_modules=args.leaf)
+    path = compiled.export(args.output, force=args.force)
+    print(compiled.report.to_text())
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import fxopt
+
+    loaded = fxopt.load(args.directory)
+    comparison = loaded.check()
+    data = loaded.manifest.data
+    status = "match" if comparison.ok else "MISMATCH"
+    print(f"{args.directory}: {data['model']} on {data['target']['name']}: {status} "
+          f"(max abs error {comparison.max_abs_error:.3g}, relative to output scale {comparison.max_rel_error:.3g})")
+    if not comparison.ok:
+        print(comparison.detail)
+    return 0 if comparison.ok else 1
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fxopt.pass_manager import registered_passes
+    from fxopt.spec import named_pipelines
+
+    for name, cls in registered_passes().items():
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)) or "no options"
+        print(f"{name:<16} {cls.summary()}  [{options}]{'' if cls.exact else '  (lossy)'}")
+        if args.verbose:
+            print(textwrap.indent(textwrap.dedent((cls.__doc__ or "").split("\n", 1)[-1]).strip(), "    ") + "\n")
+    print("\nnamed pipelines: " + ", ".join(named_pipelines()))
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from fxopt.targets import list_targets
+
+    for target in list_targets():
+        print(f"{target.name:<12} {target.description}  (runs: {target.runner}; tvm: {dict(target.tvm)})")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description="Optimize compact CNNs with torch.fx passes and build them with Apache TVM.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="optimize, compile and package a model into a build directory")
+    build.add_argument("model", metavar="MODEL", help="path/to/file.py:factory or package.module:factory")
+    build.add_argument("--input-shape", action="append", required=True, metavar="1x3x224x224",
+                       help="shape of an example input (repeat for several inputs)")
+    build.add_argument("--input-dtype", action="append", choices=_DTYPES, help="dtype of the inputs (default float32)")
+    build.add_argument("--target", default="host", help="target name (see `fxopt targets`)")
+    build.add_argument("--pipeline", default=None, help="named pipeline, TOML file, or text such as canonicalize,fold_bn")
+    build.add_argument("--verify", default="end", choices=("each", "end", "off"))
+    build.add_argument("--leaf", action="append", default=[], metavar="CLASS_OR_PATH",
+                       help="keep this submodule (class name or qualified path) opaque when tracing")
+    build.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
+    build.add_argument("-o", "--output", required=True, help="build directory to write")
+    build.add_argument("--force", action="store_true", help="replace an existing directory that is not an fxopt build")
+    build.set_defaults(func=cmd_build)
+
+    check = sub.add_parser("check", help="run a build directory on its golden input and compare")
+    check.add_argument("directory")
+    check.set_defaults(func=cmd_check)
+
+    passes = sub.add_parser("passes", help="list passes and named pipelines")
+    passes.add_argument("-v", "--verbose", action="store_true", help="show each pass's algebra and declines")
+    passes.set_defaults(func=cmd_passes)
+
+    targets = sub.add_parser("targets", help="list targets")
+    targets.set_defaults(func=cmd_targets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="fxopt: %(message)s")
+    try:
+        return args.func(args)
+    except FxoptError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fxopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fxopt: interrupted", file=sys.stderr)
+        return 130
