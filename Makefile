@@ -1,0 +1,34 @@
+# Two commands on a fresh machine (only python3 needed):
+#   make demo   installs into .venv, builds the bundled example for the host and checks the build
+#   make test   installs into .venv and runs the default test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fxopt-installed
+DEMO   := build/demo
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls several GB of CUDA packages.
+# pytorchcv (test models) is installed without its dependencies, which would pull torchvision.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps pytorchcv==0.0.74
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/fxopt build fxopt.examples:small_cnn --input-shape 1x3x64x64 -o $(DEMO) --force
+	$(BIN)/fxopt check $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not device" -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis

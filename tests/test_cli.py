@@ -1,0 +1,96 @@
+import subprocess
+import sys
+
+import pytest
+
+from fxopt.cli import main
+
+BUILD = ["build", "fxopt.examples:small_cnn", "--input-shape", "1x3x32x32"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_then_check(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    code, out, err = run_cli(capsys, *BUILD, "-o", str(out_dir))
+    assert code == 0, err
+    assert "fold_bn" in out and f"wrote {out_dir}" in out
+    code, out, _ = run_cli(capsys, "check", str(out_dir))
+    assert code == 0 and "match" in out and "MISMATCH" not in out
+
+
+def test_check_fails_on_a_wrong_golden_output(tmp_path, capsys):
+    import hashlib
+    import json
+
+    import numpy as np
+
+    out_dir = tmp_path / "demo"
+    assert run_cli(capsys, *BUILD, "-o", str(out_dir))[0] == 0
+    golden = out_dir / "expected_output_0.npy"
+    np.save(golden, np.load(golden) + 1.0)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest["files"]["expected_output_0.npy"] = hashlib.sha256(golden.read_bytes()).hexdigest()
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    code, out, _ = run_cli(capsys, "check", str(out_dir))
+    assert code == 1 and "MISMATCH" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["build", "no.such.module:f", "--input-shape", "1x3x8x8", "-o", "{tmp}/o"], "cannot import no.such.module"),
+        (["build", "fxopt.examples:nothing", "--input-shape", "1x3x8x8", "-o", "{tmp}/o"], "has no attribute 'nothing'"),
+        (["build", "fxopt.examples:__doc__", "--input-shape", "1x3x8x8", "-o", "{tmp}/o"], "not a callable"),
+        (["build", "fxopt.examples", "--input-shape", "1x3x8x8", "-o", "{tmp}/o"], "must be 'path/to/file.py:factory'"),
+        (["build", "{tmp}/missing.py:f", "--input-shape", "1x3x8x8", "-o", "{tmp}/o"], "does not exist"),
+        ([*BUILD[:2], "--input-shape", "1x3xQ", "-o", "{tmp}/o"], "is not a shape"),
+        ([*BUILD, "--target", "vax", "-o", "{tmp}/o"], "unknown target 'vax'"),
+        ([*BUILD, "--pipeline", "fold_bn,frobnicate", "-o", "{tmp}/o"], "unknown pass 'frobnicate'"),
+        ([*BUILD, "--pipeline", "{tmp}/p.toml", "-o", "{tmp}/o"], "p.toml: malformed pipeline TOML"),
+        ([*BUILD[:2], "--input-shape", "1x5x32x32", "-o", "{tmp}/o"], "fails on the example inputs"),
+        ([*BUILD, "-o", "{tmp}/occupied"], "exists and is not an fxopt build"),
+        (["check", "{tmp}"], "manifest.json is missing"),
+    ],
+    ids=["import", "attribute", "not-callable", "no-colon", "no-file", "shape", "target", "pass", "toml",
+         "input", "occupied", "check-not-build"],
+)
+def test_errors_are_one_clear_line(tmp_path, capsys, argv, message):
+    (tmp_path / "p.toml").write_text("passes = [\n")
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "data.txt").write_text("x")
+    code, out, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert err.startswith("fxopt: error: ") and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_user_file_factory(tmp_path, capsys):
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())\n"
+    )
+    code, out, err = run_cli(capsys, "build", f"{tmp_path}/mymodel.py:make", "--input-shape", "1x2x8x8",
+                             "--pipeline", "canonicalize,fold_bn", "-o", str(tmp_path / "b"))
+    assert code == 0, err and "conv_bn=1" in out
+
+
+def test_passes_and_targets(capsys):
+    code, out, _ = run_cli(capsys, "passes")
+    assert code == 0 and "fold_bn" in out and "canonicalize" in out and "named pipelines: default, none" in out
+    code, out, _ = run_cli(capsys, "passes", "-v")
+    assert "Declines:" in out
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0 and out.startswith("host")
+
+
+def test_python_dash_m_and_debug_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fxopt", "--debug", "check", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" in result.stderr and "manifest.json is missing" in result.stderr

@@ -1,0 +1,49 @@
+import pytest
+import torch
+from torch import nn
+
+from fxopt import ir, verify
+from fxopt.errors import VerificationError
+
+
+def test_tolerance_is_relative_to_output_scale():
+    expected = torch.tensor([1000.0, 0.0, -3.0])
+    near = expected + torch.tensor([0.0, 5e-3, 0.0])  # 5e-6 of the scale: within atol 1e-5 * 1000
+    assert verify.compare_outputs(expected, near, 1e-4, 1e-5).ok
+    far = expected + torch.tensor([0.0, 5e-2, 0.0])
+    result = verify.compare_outputs(expected, far, 1e-4, 1e-5)
+    assert not result.ok and result.max_abs_error == pytest.approx(5e-2) and "output 0" in result.detail
+
+
+def test_structure_shape_and_dtype_mismatches():
+    a = torch.zeros(2)
+    assert not verify.compare_outputs((a, a), (a,), 1e-4, 1e-5).ok
+    assert "got (3,)" in verify.compare_outputs(a, torch.zeros(3), 1e-4, 1e-5).detail
+    assert not verify.compare_outputs(a, a.double(), 1e-4, 1e-5).ok
+    assert verify.compare_outputs({"y": [a]}, {"y": [a.clone()]}, 1e-4, 1e-5).ok
+
+
+def test_check_ir_catches_dangling_module():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = ir.trace(model, (x,))
+    verify.check_ir(gm, (x,))
+    del gm._modules["0"]
+    with pytest.raises(VerificationError, match="malformed: .*references nonexistent attribute 0"):
+        verify.check_ir(gm, (x,))
+
+
+def test_check_equivalent_uses_random_inputs_too():
+    class Sneaky(nn.Module):
+        """Matches the reference only on the example input."""
+
+        def __init__(self, example):
+            super().__init__()
+            self.example = example
+
+        def forward(self, x):
+            return x if torch.equal(x, self.example) else x + 1
+
+    x = torch.randn(3)
+    with pytest.raises(VerificationError, match=r"random inputs \(seed 1\)"):
+        verify.check_equivalent(nn.Identity(), Sneaky(x), (x,))
