@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from fxopt import artifact, ir, spec
 from fxopt import verify as verification
-from fxopt.errors import InputError, VerificationError
+from fxopt.errors import ArtifactError, InputError, VerificationError
 from fxopt.pass_manager import Pass, PassContext, apply
 from fxopt.report import Report
 
@@ -189,5 +189,13 @@ def load(path: str | Path) -> Loaded:
     manifest = artifact.read_manifest(path)
     data = manifest.data
     target = get_target(data["target"]["name"])
+    built_for = data.get("tvm_target", {}).get("mcpu")
+    if target.runs_here() and built_for:
+        here = tvm_backend.resolve_target(target).get("mcpu")
+        if here != built_for:
+            raise ArtifactError(
+                f"{manifest.path} was built for CPU '{built_for}', this machine is '{here}': its code may use "
+                "instructions this CPU lacks; rebuild it here (fxopt build ...)"
+            )
     library = tvm_backend.load(manifest.file(data["library"]), target)
     return Loaded(manifest, target, library, pytree.treespec_loads(data["output_tree"]))

@@ -124,3 +124,14 @@ def test_failed_export_leaves_nothing(compiled, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         compiled.export(tmp_path / "build")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_for_another_cpu_is_refused(compiled, tmp_path):
+    import hashlib
+
+    path = compiled.export(tmp_path / "build")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["tvm_target"]["mcpu"] = "pentium4"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="built for CPU 'pentium4'.*rebuild it here"):
+        fxopt.load(path)

@@ -1,0 +1,213 @@
+"""Targets: what a build is for, as data.
+
+A :class:`Target` names a TVM target dict, the capabilities that passes may read
+(``ctx.target.capabilities``; passes never branch on target names), the default fx pipeline,
+the schedule strategy, the cross toolchain and how a build is run. Each family of targets is
+one small module (``host.py``, later ``arm.py``, ``cuda.py`` ...) that defines its targets and
+registers them; importing this package fills the registry.
+
+This package does not import ``tvm``: ``fxopt.optimize`` works with torch alone. The one
+module that talks to TVM is :mod:`fxopt.targets.tvm_backend`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from fxopt.errors import TargetError
+
+__all__ = [
+    "Capabilities",
+    "Target",
+    "RUNNERS",
+    "LAYOUTS",
+    "register_target",
+    "get_target",
+    "list_targets",
+    "host_arch",
+]
+
+RUNNERS = ("native", "qemu", "rpc", "gpu")
+LAYOUTS = ("NCHW", "NHWC")
+
+_NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def _normalize_arch(arch: str) -> str:
+    arch = arch.lower()
+    return _ARCH_ALIASES.get(arch, arch)
+
+
+def host_arch() -> str:
+    """The build machine's architecture as the first field of an LLVM triple (``x86_64``)."""
+    return _normalize_arch(platform.machine())
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What passes may read from ``ctx.target``; never target names."""
+
+    vector_bits: int = 0  # widest SIMD register the target uses (512 for AVX-512); 0 = unknown
+    fp16: bool = False  # native fp16 arithmetic
+    sparse_kernels: bool = False  # fxopt's sparse conv/linear kernels exist for this target
+    preferred_layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector_bits, int) or self.vector_bits < 0:
+            raise TargetError(
+                f"capabilities.vector_bits must be a non-negative int, got {self.vector_bits!r}"
+            )
+        if self.preferred_layout not in LAYOUTS:
+            raise TargetError(
+                f"capabilities.preferred_layout must be one of {', '.join(LAYOUTS)}, "
+                f"got {self.preferred_layout!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compilation target, as data (see ARCHITECTURE.md, section 3 "Target")."""
+
+    name: str
+    description: str
+    # TVM target dict, e.g. {"kind": "llvm", "mcpu": "native"}; "mcpu": "native" means the
+    # build machine's CPU and a missing "mtriple" means the build machine's triple (both resolved
+    # by tvm_backend.resolve_target). Stored read-only; not part of the hash.
+    tvm: Mapping[str, Any] = field(hash=False)
+    capabilities: Capabilities = Capabilities()
+    pipeline: str = "default"  # default fx pipeline name
+    schedule: str = "default"  # schedule strategy name
+    toolchain: str | None = None  # cross compiler prefix ("aarch64-linux-gnu-"); None = host cc
+    runner: str = "native"  # how a build is run: native, qemu, rpc, gpu
+    library: str = "model.so"  # file name of the compiled library in a build directory
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise TargetError(
+                f"target name {self.name!r} is not valid: use lower-case letters, digits, '_' "
+                "and '-', starting with a letter"
+            )
+        if not isinstance(self.tvm, Mapping) or not isinstance(self.tvm.get("kind"), str):
+            raise TargetError(
+                f"target {self.name!r}: tvm must be a TVM target dict with a 'kind' "
+                f"(e.g. {{'kind': 'llvm', 'mcpu': 'native'}}), got {self.tvm!r}"
+            )
+        if self.runner not in RUNNERS:
+            raise TargetError(
+                f"target {self.name!r}: runner {self.runner!r} is unknown; "
+                f"use one of {', '.join(RUNNERS)}"
+            )
+        if not isinstance(self.capabilities, Capabilities):
+            raise TargetError(
+                f"target {self.name!r}: capabilities must be a Capabilities, "
+                f"got {type(self.capabilities).__name__}"
+            )
+        if not self.library or "/" in self.library:
+            raise TargetError(
+                f"target {self.name!r}: library must be a plain file name, got {self.library!r}"
+            )
+        # Freeze the TVM dict: a registered target is shared by every build.
+        object.__setattr__(self, "tvm", MappingProxyType(copy.deepcopy(dict(self.tvm))))
+
+    @property
+    def arch(self) -> str:
+        """Architecture the code is generated for: the mtriple's first field, or the host's."""
+        triple = self.tvm.get("mtriple")
+        if triple:
+            return _normalize_arch(str(triple).split("-", 1)[0])
+        return host_arch()
+
+    def runs_here(self) -> bool:
+        """True when a build for this target can be run in this process on this machine."""
+        return self.runner == "native" and self.arch == host_arch()
+
+    def to_json(self) -> dict:
+        """Plain JSON-able dict (for manifests and ``fxopt targets --json``)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tvm": copy.deepcopy(dict(self.tvm)),
+            "capabilities": asdict(self.capabilities),
+            "pipeline": self.pipeline,
+            "schedule": self.schedule,
+            "toolchain": self.toolchain,
+            "runner": self.runner,
+            "library": self.library,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Target":
+        """Inverse of :meth:`to_json` (reading a manifest, or a board's TOML override)."""
+        data = dict(data)
+        caps = data.pop("capabilities", {}) or {}
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TargetError(
+                f"target spec has unknown field(s) {', '.join(unknown)}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        cap_known = set(Capabilities.__dataclass_fields__)
+        cap_unknown = sorted(set(caps) - cap_known)
+        if cap_unknown:
+            raise TargetError(
+                f"target spec has unknown capabilities {', '.join(cap_unknown)}; "
+                f"known: {', '.join(sorted(cap_known))}"
+            )
+        try:
+            return cls(capabilities=Capabilities(**caps), **data)
+        except TypeError as exc:  # a missing required field
+            raise TargetError(f"target spec is incomplete: {exc}") from None
+
+
+_REGISTRY: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Add ``target`` to the registry and return it; a second target of the same name is refused."""
+    if not isinstance(target, Target):
+        raise TargetError(f"register_target expects a Target, got {type(target).__name__}")
+    if target.name in _REGISTRY:
+        raise TargetError(
+            f"a target named {target.name!r} is already registered "
+            f"({_REGISTRY[target.name].description}); choose another name"
+        )
+    _REGISTRY[target.name] = target
+    return target
+
+
+def get_target(name_or_target: str | Target) -> Target:
+    """The registered target of that name (a Target is returned unchanged)."""
+    if isinstance(name_or_target, Target):
+        return name_or_target
+    if not isinstance(name_or_target, str):
+        raise TargetError(
+            f"a target is a name or a Target, got {type(name_or_target).__name__}"
+        )
+    try:
+        return _REGISTRY[name_or_target]
+    except KeyError:
+        pass
+    known = sorted(_REGISTRY)
+    close = difflib.get_close_matches(name_or_target, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise TargetError(
+        f"unknown target {name_or_target!r}; known targets: {', '.join(known) or '(none)'}."
+        f"{hint} Run `fxopt targets` to list them with their descriptions."
+    )
+
+
+def list_targets() -> list[Target]:
+    """Every registered target, sorted by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+# Family modules register their targets on import.
+from . import host  # noqa: E402,F401

@@ -1,0 +1,695 @@
+"""The TVM adapter: the only module of fxopt that imports ``tvm``.
+
+    lower(module, example_inputs)  torch.export + Relax frontend -> tvm.IRModule
+    build(mod, target)             per-target Relax pipeline + codegen -> CompiledLibrary
+    CompiledLibrary.run/save/time  run on this machine, export a shared library, time it
+    load(path, target)             a saved library back as a CompiledLibrary
+
+``tvm`` is imported lazily, inside the functions, so that importing this module costs nothing
+and fxopt without TVM still imports. Notes on TVM 0.27 (Relax only) that shaped this module:
+
+* Target strings (``"llvm -mcpu=native"``) are gone: targets are JSON dicts, and ``native`` is not
+  a CPU name LLVM accepts, so :func:`resolve_target` asks LLVM for the host CPU and triple.
+* ``tvm.compile`` without ``relax_pipeline`` does not fuse on CPU; :func:`build` passes the
+  target's default Relax pipeline explicitly.
+* The Relax ``main`` of an imported ExportedProgram always returns a tuple (one field per
+  output); the VM hands back a ``tvm_ffi`` Array of Tensors, possibly nested.
+* The VM logs "Scope Saving:" / "Scope Loaded:" warnings on stderr (C++ ``LOG(WARNING)``, no
+  switch to turn them off) when a library is exported or loaded; they are filtered out here at
+  the file-descriptor level, other stderr output passes through.
+* Each built library carries its own input/output signature as an extra Relax function
+  (``fxopt_signature``, a JSON string as a uint8 tensor), so a loaded library validates inputs
+  without the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time as _time
+import traceback
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fxopt.errors import ArtifactError, BuildError, InputError, TargetError
+
+from . import Target, get_target
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tvm
+
+__all__ = ["versions", "resolve_target", "lower", "build", "load", "CompiledLibrary"]
+
+SIGNATURE_FUNC = "fxopt_signature"
+_ENTRY = "main"
+# C++ LOG(WARNING) lines of TVM that say nothing to an fxopt user.
+_VM_NOISE = (b"Scope Saving:", b"Scope Loaded:", b"BlockBuilder destroyed with remaining blocks")
+
+
+# --------------------------------------------------------------------------------------------
+# TVM import and small helpers
+
+
+def _tvm():
+    try:
+        import tvm  # noqa: F401
+        from tvm import relax  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the venv has it
+        raise BuildError(
+            f"Apache TVM is not importable ({exc}); install the pinned version with "
+            "`pip install apache-tvm==0.27.0.post1`"
+        ) from exc
+    return tvm
+
+
+def versions() -> dict[str, str]:
+    """Versions of the compiler stack that a build depends on: tvm, tvm_ffi, llvm (major)."""
+    tvm = _tvm()
+    import tvm_ffi
+    from tvm.target import codegen
+
+    return {
+        "tvm": str(tvm.__version__),
+        "tvm_ffi": str(getattr(tvm_ffi, "__version__", "unknown")),
+        "llvm": str(codegen.llvm_version_major()),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_vm_stderr() -> Iterator[None]:
+    """Drop the VM's "Scope Saving/Loaded" log lines from fd 2; re-emit everything else."""
+    fd = 2  # TVM's C++ logging writes to file descriptor 2, whatever sys.stderr is now
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed or odd stderr must not break a build
+        pass
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [
+                line
+                for line in tmp.read().splitlines(keepends=True)
+                if not any(noise in line for noise in _VM_NOISE)
+            ]
+            if kept:
+                os.write(fd, b"".join(kept))
+
+
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    text = str(exc).strip()
+    # TVM errors carry a C++ traceback before the message; keep the message.
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    msg = lines[-1] if lines else type(exc).__name__
+    for ln in lines:
+        if re.match(r"^\w*(Error|Exception)\b", ln.strip()):
+            msg = ln.strip()
+            break
+    else:
+        if lines and not lines[0].lstrip().startswith(("File ", "Traceback")):
+            msg = lines[0]
+    msg = msg.strip()
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+def resolve_target(target: Target | str) -> dict:
+    """The concrete TVM target dict for ``target`` on this build machine.
+
+    ``"mcpu": "native"`` becomes LLVM's name for the host CPU (``llvm_get_system_cpu``); an LLVM
+    target without ``mtriple`` gets the host triple (``llvm_get_system_triple``). Both only make
+    sense when building for the build machine, so a target with a cross toolchain must name its
+    CPU and triple.
+    """
+    target = get_target(target)
+    tvm = _tvm()
+    from tvm.target import codegen
+
+    resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in target.tvm.items()}
+    if resolved.get("kind") == "llvm":
+        if target.toolchain is not None:
+            missing = [k for k in ("mtriple",) if not resolved.get(k)]
+            if missing or resolved.get("mcpu") == "native":
+                raise TargetError(
+                    f"target {target.name!r} cross-compiles with {target.toolchain!r} but its tvm "
+                    "dict has no 'mtriple' or uses 'mcpu': 'native' (which means the build "
+                    "machine's CPU); give the target's triple and CPU explicitly"
+                )
+        if resolved.get("mcpu") == "native":
+            resolved["mcpu"] = str(codegen.llvm_get_system_cpu())
+        if not resolved.get("mtriple"):
+            resolved["mtriple"] = str(codegen.llvm_get_system_triple())
+    try:
+        tvm.target.Target(resolved)
+    except Exception as exc:  # noqa: BLE001 - TVM raises ValueError/TVMError/RuntimeError
+        raise TargetError(
+            f"target {target.name!r}: TVM rejects the target dict {resolved}: {_first_line(exc)}"
+        ) from exc
+    return resolved
+
+
+def _device(tvm, resolved: Mapping[str, Any]):
+    kind = resolved.get("kind", "llvm")
+    if kind in ("llvm", "c"):
+        return tvm.cpu(0)
+    return tvm.device(str(kind), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Lowering
+
+
+def _stack_location(node) -> str:
+    """'file:line: code' of the innermost user frame that created an fx node, or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    path, line, func, code = frames[-1]
+    where = f"{path}:{line} in {func}"
+    return f"{where}: `{code.strip()}`" if code.strip() else where
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, mtype = list(stack.values())[-1]
+    mtype = getattr(mtype, "__name__", None) or str(mtype).rsplit(".", 1)[-1].rstrip("'>")
+    return f"module '{path}' ({mtype})" if path else ""
+
+
+def _describe_node(node, with_op: bool = True) -> str:
+    target = getattr(node, "target", None)
+    op = f"{getattr(target, 'namespace', 'aten')}.{getattr(target, '__name__', target)}"
+    parts = [f"node '{node.name}' ({op})" if with_op else f"node '{node.name}'"]
+    for extra in (_module_path(node), _stack_location(node)):
+        if extra:
+            parts.append(extra)
+    return ", ".join(parts)
+
+
+def _failing_node(exc: BaseException):
+    """The fx node the Relax frontend was converting when ``exc`` was raised, if it can tell."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            found = node  # keep the innermost one
+        tb = tb.tb_next
+    return found
+
+
+def _release_frames(tb) -> None:
+    """Drop the locals of the finished frames in a traceback (the trace itself stays printable)."""
+    traceback.clear_frames(tb)
+    tb = tb.tb_next if tb is not None else None  # the first frame is ours, still running
+    while tb is not None:
+        # Python 3.11 keeps a snapshot dict of f_locals once it has been read (_failing_node does).
+        snapshot = tb.tb_frame.f_locals
+        if type(snapshot) is dict:
+            snapshot.clear()
+        tb = tb.tb_next
+    gc.collect()
+
+
+def _unsupported_ops(exc: BaseException) -> list[str]:
+    match = re.search(r"Unsupported function types \[([^\]]*)\]", str(exc))
+    if not match:
+        return []
+    return sorted(set(re.findall(r"'([^']+)'", match.group(1))))
+
+
+def _nodes_using(ep, op_names: Sequence[str]) -> dict[str, list]:
+    """Nodes of the decomposed program (as the frontend sees it) per unsupported op name."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = ep.run_decompositions().graph
+    except Exception:  # noqa: BLE001 - only used to improve a message
+        graph = ep.graph
+    found: dict[str, list] = {name: [] for name in op_names}
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", None)
+        if node.op == "call_function" and name in found:
+            found[name].append(node)
+    return found
+
+
+def _check_example_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError(
+            f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"example input {i} is a {type(t).__name__}, not a torch.Tensor; lower() takes "
+                "tensors only"
+            )
+    return tuple(example_inputs)
+
+
+def lower(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    custom_convert_map: Mapping[str, Callable] | None = None,
+) -> "tvm.IRModule":
+    """Capture ``module`` with torch.export and import it into a Relax IRModule.
+
+    Parameters are bound as constants (``keep_params_as_input=False``), so ``main`` takes the
+    example inputs only. ``custom_convert_map`` maps aten op names (``"my_op.default"``) to Relax
+    converters ``f(node, importer) -> relax.Var`` for ops the frontend does not know (fxopt's own
+    kernels). Raises BuildError naming the op, the fx node and its source line when the frontend
+    cannot convert it.
+    """
+    _tvm()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    example_inputs = _check_example_inputs(example_inputs)
+    name = type(module).__name__
+    with warnings.catch_warnings():
+        # torch 2.13's own pytree deprecation, raised from inside torch.export.
+        warnings.filterwarnings(
+            "ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning
+        )
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(module, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+            raise BuildError(
+                f"torch.export could not capture {name}: {_first_line(exc)}. Make forward() "
+                "traceable for torch.export (no data-dependent Python control flow, tensor "
+                "inputs only), or compile a traced fxopt GraphModule instead"
+            ) from exc
+        try:
+            return from_exported_program(
+                ep,
+                keep_params_as_input=False,
+                custom_convert_map=dict(custom_convert_map) if custom_convert_map else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - the frontend raises AssertionError, ValueError...
+            error = _frontend_error(name, ep, exc)
+            # The failed importer's BlockBuilder is still open and referenced from the traceback;
+            # free it now (quietly: TVM logs a warning when it goes) instead of at exit.
+            with _quiet_vm_stderr():
+                _release_frames(exc.__traceback__)
+            raise error from exc
+
+
+def _frontend_error(name: str, ep, exc: BaseException) -> BuildError:
+    tvm_version = versions()["tvm"]
+    ops = _unsupported_ops(exc)
+    if ops:
+        users = _nodes_using(ep, ops)
+        described = []
+        for op in ops:
+            nodes = users.get(op) or []
+            where = f" (used by {_describe_node(nodes[0], with_op=False)}" if nodes else ""
+            if nodes and len(nodes) > 1:
+                where += f", and {len(nodes) - 1} more"
+            described.append(f"aten.{op}{where + ')' if where else ''}")
+        plural = "s" if len(ops) > 1 else ""
+        return BuildError(
+            f"TVM's Relax frontend (tvm {tvm_version}) cannot convert op{plural} "
+            f"{'; '.join(described)} in {name}. Replace {'them' if plural else 'it'} in the "
+            "model with supported ops, or pass a converter for "
+            f"{', '.join(repr(op) for op in ops)} in lower(custom_convert_map=...)"
+        )
+    node = _failing_node(exc)
+    where = f" while converting {_describe_node(node)}" if node is not None else ""
+    return BuildError(
+        f"TVM's Relax frontend (tvm {tvm_version}) failed on {name}{where}: "
+        f"{type(exc).__name__}: {_first_line(exc)}. The op or its arguments are not supported "
+        "by this TVM version; rewrite that part of the model or pass a converter in "
+        "lower(custom_convert_map=...)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Signatures: input/output names, shapes and dtypes of Relax main
+
+
+def _dims(shape) -> list[int | None]:
+    values = getattr(shape, "values", None)
+    if values is None:
+        return []
+    out: list[int | None] = []
+    for d in values:
+        v = getattr(d, "value", d)
+        out.append(int(v) if isinstance(v, (int, np.integer)) else None)  # None: symbolic
+    return out
+
+
+def _tensor_specs(ty, prefix: str) -> list[dict]:
+    fields = getattr(ty, "fields", None)
+    if fields is not None:  # a (possibly nested) tuple
+        specs: list[dict] = []
+        for f in fields:
+            specs.extend(_tensor_specs(f, prefix))
+        return specs
+    shape = getattr(ty, "shape", None)
+    return [{"name": prefix, "shape": _dims(shape) if shape is not None else None,
+             "dtype": str(getattr(ty, "dtype", "unknown"))}]
+
+
+def _signature(mod) -> dict:
+    func = mod[_ENTRY]
+    inputs = []
+    for i, param in enumerate(func.params):
+        pname = getattr(param, "name", None) or getattr(param, "name_hint", None) or f"input{i}"
+        spec = _tensor_specs(param.ty, str(pname))
+        inputs.append(spec[0] if len(spec) == 1 else {"name": str(pname), "shape": None,
+                                                      "dtype": "tuple"})
+    outputs = _tensor_specs(func.ret_ty, "output")
+    for i, spec in enumerate(outputs):
+        spec["name"] = f"output{i}"
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _with_signature(mod, signature: dict):
+    from tvm import relax
+
+    payload = np.frombuffer(json.dumps(signature, sort_keys=True).encode(), dtype=np.uint8)
+    bb = relax.BlockBuilder()
+    with bb.function(SIGNATURE_FUNC, []):
+        bb.emit_func_output(relax.const(payload.copy()))
+    mod = mod.clone()
+    mod[SIGNATURE_FUNC] = bb.get()[SIGNATURE_FUNC]
+    return mod
+
+
+# --------------------------------------------------------------------------------------------
+# Build
+
+
+def build(mod: "tvm.IRModule", target: Target | str) -> "CompiledLibrary":
+    """Compile a Relax IRModule for ``target`` with the target's default Relax pipeline."""
+    target = get_target(target)
+    tvm = _tvm()
+    from tvm import relax
+
+    if not isinstance(mod, tvm.IRModule) or _ENTRY not in [gv.name_hint for gv in mod.get_global_vars()]:
+        raise BuildError(
+            f"build() expects a Relax IRModule with a '{_ENTRY}' function (from lower()), "
+            f"got {type(mod).__name__}"
+        )
+    if target.schedule != "default":
+        raise TargetError(
+            f"target {target.name!r} asks for schedule strategy {target.schedule!r}, which this "
+            "fxopt version does not have; use schedule='default'"
+        )
+    resolved = resolve_target(target)
+    tvm_target = tvm.target.Target(resolved)
+    signature = _signature(mod)
+    try:
+        executable = tvm.compile(
+            _with_signature(mod, signature),
+            target=tvm_target,
+            relax_pipeline=relax.get_default_pipeline(tvm_target),
+        )
+    except Exception as exc:  # noqa: BLE001 - TVM errors are many types
+        raise BuildError(
+            f"TVM could not compile the model for target {target.name!r} ({resolved}): "
+            f"{type(exc).__name__}: {_first_line(exc)}. Run with the `--debug` flag for TVM's "
+            "full trace; if an op is the cause, rewrite it in the model"
+        ) from exc
+    return CompiledLibrary(executable, target, signature, resolved=resolved)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled library
+
+
+def _as_numpy(x: Any, index: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        if x.dtype == torch.bfloat16:
+            raise InputError(f"input {index}: bfloat16 tensors cannot be passed to the runtime")
+        return np.ascontiguousarray(x.numpy())
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x)
+    raise InputError(
+        f"input {index} is a {type(x).__name__}; pass torch tensors or numpy arrays"
+    )
+
+
+def _flatten(value, out: list[np.ndarray]) -> list[np.ndarray]:
+    if hasattr(value, "numpy") and callable(value.numpy):  # tvm.runtime.Tensor
+        out.append(value.numpy())
+    elif isinstance(value, (str, bytes)):
+        raise BuildError(f"the compiled model returned a {type(value).__name__}, not tensors")
+    elif hasattr(value, "__len__") and hasattr(value, "__getitem__"):  # tvm_ffi Array / tuple
+        for i in range(len(value)):
+            _flatten(value[i], out)
+    else:  # a scalar (PrimValue)
+        out.append(np.asarray(value))
+    return out
+
+
+def _fmt_shape(shape) -> str:
+    if shape is None:
+        return "?"
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+class CompiledLibrary:
+    """A compiled model for one target: run it here, time it, or save it as a shared library.
+
+    ``signature`` is ``{"inputs": [{"name", "shape", "dtype"}...], "outputs": [...]}``; a
+    symbolic dimension is ``None``.
+    """
+
+    def __init__(
+        self,
+        module,
+        target: Target,
+        signature: dict | None,
+        *,
+        resolved: Mapping[str, Any] | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self._module = module  # tvm VMExecutable (fresh build) or runtime.Module (loaded)
+        self.target = target
+        self.signature = signature
+        self.resolved_target = dict(resolved) if resolved is not None else None
+        self.path = path
+        self._loaded = path is not None
+        self._vm = None
+        self._dev = None
+
+    def __repr__(self) -> str:
+        n_in = len(self.signature["inputs"]) if self.signature else "?"
+        n_out = len(self.signature["outputs"]) if self.signature else "?"
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return f"CompiledLibrary(target={self.target.name!r}, inputs={n_in}, outputs={n_out}{where})"
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _check_runs_here(self) -> None:
+        if not self.target.runs_here():
+            from . import host_arch
+
+            raise TargetError(
+                f"target {self.target.name!r} ({self.target.arch}, runner "
+                f"{self.target.runner!r}) does not run on this machine ({host_arch()}); save() "
+                "the library and run it with the target's runner"
+            )
+
+    def _vm_and_dev(self):
+        if self._vm is None:
+            self._check_runs_here()
+            tvm = _tvm()
+            from tvm import relax
+
+            resolved = self.resolved_target or dict(self.target.tvm)
+            self._dev = _device(tvm, resolved)
+            try:
+                self._vm = relax.VirtualMachine(self._module, self._dev)
+            except Exception as exc:  # noqa: BLE001
+                raise BuildError(
+                    f"the TVM runtime could not start the compiled model for target "
+                    f"{self.target.name!r}: {_first_line(exc)}"
+                ) from exc
+        return self._vm, self._dev
+
+    def _arguments(self, tensors: Sequence[Any]) -> list:
+        arrays = [_as_numpy(t, i) for i, t in enumerate(tensors)]
+        sig = self.signature
+        if sig is not None:
+            expected = sig["inputs"]
+            if len(arrays) != len(expected):
+                names = ", ".join(f"{s['name']}{_fmt_shape(s['shape'])} {s['dtype']}" for s in expected)
+                raise InputError(
+                    f"the compiled model takes {len(expected)} input(s) ({names}), got "
+                    f"{len(arrays)}"
+                )
+            for i, (arr, spec) in enumerate(zip(arrays, expected)):
+                want_shape, want_dtype = spec["shape"], spec["dtype"]
+                label = f"input {i} ({spec['name']!r})"
+                if want_dtype != "tuple" and arr.dtype.name != want_dtype:
+                    raise InputError(
+                        f"{label}: expected dtype {want_dtype}, got {arr.dtype.name}; convert it "
+                        f"(e.g. tensor.to(torch.{want_dtype}))"
+                    )
+                if want_shape is not None and (
+                    arr.ndim != len(want_shape)
+                    or any(w is not None and w != g for w, g in zip(want_shape, arr.shape))
+                ):
+                    raise InputError(
+                        f"{label}: expected shape {_fmt_shape(want_shape)}, got "
+                        f"{_fmt_shape(arr.shape)}; the library is compiled for fixed shapes, "
+                        "compile again with example inputs of the new shape"
+                    )
+        else:  # a library without fxopt's signature: check the count at least
+            vm, _ = self._vm_and_dev()
+            arity = vm._get_function_arity(_ENTRY)
+            if len(arrays) != arity:
+                raise InputError(f"the compiled model takes {arity} input(s), got {len(arrays)}")
+        tvm = _tvm()
+        _, dev = self._vm_and_dev()
+        return [tvm.runtime.tensor(a, dev) for a in arrays]
+
+    def run(self, *tensors: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+        """Run ``main`` on this machine; the outputs as a flat list of numpy arrays, in order."""
+        self._check_runs_here()
+        args = self._arguments(tensors)
+        return _flatten(self._call(args), [])
+
+    def _call(self, args: list):
+        vm, _ = self._vm_and_dev()
+        try:
+            return vm[_ENTRY](*args)
+        except Exception as exc:  # noqa: BLE001
+            raise BuildError(
+                f"the compiled model failed at run time on target {self.target.name!r}: "
+                f"{_first_line(exc)}"
+            ) from exc
+
+    def time(self, *tensors: torch.Tensor | np.ndarray, repeat: int = 10, number: int = 1) -> list[float]:
+        """Seconds per run: ``repeat`` measurements, each the mean of ``number`` back-to-back runs.
+
+        Uses the VM's ``time_evaluator`` (which warms up once first); falls back to
+        ``time.perf_counter`` around ``run`` where that is not available.
+        """
+        if repeat < 1 or number < 1:
+            raise InputError(f"repeat and number must be >= 1, got repeat={repeat} number={number}")
+        self._check_runs_here()
+        args = self._arguments(tensors)
+        vm, dev = self._vm_and_dev()
+        evaluator = getattr(vm, "time_evaluator", None)
+        if evaluator is not None:
+            try:
+                result = evaluator(_ENTRY, dev, number=number, repeat=repeat, min_repeat_ms=0)(*args)
+                return [float(r) for r in result.results]
+            except Exception:  # noqa: BLE001 - fall back to wall-clock timing below
+                pass
+        self._call(args)  # warm-up
+        times = []
+        for _ in range(repeat):
+            start = _time.perf_counter()
+            for _ in range(number):
+                self._call(args)
+            times.append((_time.perf_counter() - start) / number)
+        return times
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save(self, path: Path | str) -> Path:
+        """Export the library as a shared object; ``path`` is a file, or a directory to put
+        ``target.library`` in. Native targets link with the host C compiler, cross targets with
+        ``<toolchain>g++``. Returns the file written."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / self.target.library
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._loaded:
+            # A library loaded from disk: its .so is already the exported form.
+            if self.path.resolve() != path.resolve():
+                shutil.copyfile(self.path, path)
+            return path
+        kwargs = {}
+        if self.target.toolchain is not None:
+            from tvm.support import cc
+
+            compiler = f"{self.target.toolchain}g++"
+            if shutil.which(compiler) is None:
+                raise BuildError(
+                    f"target {self.target.name!r} links with {compiler!r}, which is not on PATH; "
+                    "install the cross toolchain (e.g. the distribution's g++-<triple> package)"
+                )
+            kwargs["fcompile"] = cc.cross_compiler(compiler)
+        try:
+            with _quiet_vm_stderr():
+                self._module.export_library(str(path), **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise BuildError(
+                f"exporting the compiled library to {path} failed: {_first_line(exc)}; check that "
+                "a C++ compiler is installed" + (
+                    f" ({self.target.toolchain}g++)" if self.target.toolchain else " (g++/cc)")
+            ) from exc
+        return path
+
+
+def _read_signature(vm) -> dict | None:
+    try:
+        raw = vm[SIGNATURE_FUNC]()
+        return json.loads(bytes(raw.numpy()).decode())
+    except Exception:  # noqa: BLE001 - a library not built by fxopt
+        return None
+
+
+def load(path: Path | str, target: Target | str) -> CompiledLibrary:
+    """A library saved by :meth:`CompiledLibrary.save`, ready to run on this machine."""
+    target = get_target(target)
+    path = Path(path)
+    if path.is_dir():
+        path = path / target.library
+    if not path.is_file():
+        raise ArtifactError(f"no compiled library at {path}; build it first (fxopt build ...)")
+    if not target.runs_here():
+        from . import host_arch
+
+        raise TargetError(
+            f"{path} is built for target {target.name!r} ({target.arch}, runner "
+            f"{target.runner!r}) and cannot be loaded on this machine ({host_arch()}); run it "
+            "with the target's runner"
+        )
+    tvm = _tvm()
+    try:
+        with _quiet_vm_stderr():
+            module = tvm.runtime.load_module(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{path} is not a loadable TVM library: {_first_line(exc)}") from exc
+    library = CompiledLibrary(module, target, None, path=path)
+    vm, _ = library._vm_and_dev()
+    library.signature = _read_signature(vm)
+    return library
