@@ -53,8 +53,8 @@ def optimize(
     ir.check_eval_mode(model)
     resolved_target = get_target(target) if target is not None else None
     pipe = spec.resolve(pipeline)
-    gm = ir.trace(model, example_inputs, leaf_modules)
-    inputs = ir.check_example_inputs(model, example_inputs)
+    inputs = ir.as_input_tuple(example_inputs)
+    gm = ir.trace(model, inputs, leaf_modules)
     report = Report(model=type(model).__name__, capture=gm.meta["fxopt"]["capture"], pipeline=spec.to_text(pipe.spec()))
     ctx = PassContext(example_inputs=inputs, target=resolved_target, verify=verify, reference=model, report=report)
     apply(pipe, gm, ctx)

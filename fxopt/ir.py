@@ -98,8 +98,8 @@ def _describe_trace_failure(exc: Exception, tracer: _FxoptTracer) -> str:
     return "\n".join(lines)
 
 
-def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-    """Example inputs as a tuple of tensors that the model's forward accepts, or an InputError."""
+def as_input_tuple(example_inputs: Sequence[Any] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors (a single tensor is one input), or an InputError."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs)
@@ -109,6 +109,12 @@ def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> tup
                 f"example input {i} is a {type(x).__name__}, not a torch.Tensor: pass tensors only "
                 "(non-tensor arguments should be fixed in the model or bound with functools.partial)"
             )
+    return inputs
+
+
+def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors that the model's forward accepts, or an InputError."""
+    inputs = as_input_tuple(example_inputs)
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
@@ -200,28 +206,8 @@ def shape_of(node: fx.Node) -> torch.Size | None:
     return meta.shape if meta is not None else None
 
 
-def fxopt_meta(node: fx.Node) -> dict:
-    """fxopt's own analysis results for a node (ARCHITECTURE: never attributes on nodes)."""
-    return node.meta.setdefault("fxopt", {})
-
-
-def source_of(node: fx.Node) -> str:
-    """`name (file:line: code)` for error messages, from the node's stack trace when recorded."""
-    trace_text = node.meta.get("stack_trace")
-    if not trace_text:
-        return f"node '{node.name}'"
-    last = [line.strip() for line in trace_text.strip().splitlines() if line.strip()]
-    where = last[-2] if len(last) >= 2 else last[-1]
-    code = last[-1] if len(last) >= 2 else ""
-    return f"node '{node.name}' ({where.removeprefix('File ')}: {code})"
-
-
 # ---------------------------------------------------------------------------------------------
 # Modules
-
-
-def get_module(gm: nn.Module, qualname: str) -> nn.Module:
-    return gm.get_submodule(qualname)
 
 
 def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:

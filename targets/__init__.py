@@ -147,24 +147,21 @@ class Target:
         """Inverse of :meth:`to_json` (reading a manifest, or a board's TOML override)."""
         data = dict(data)
         caps = data.pop("capabilities", {}) or {}
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TargetError(
-                f"target spec has unknown field(s) {', '.join(unknown)}; "
-                f"known fields: {', '.join(sorted(known))}"
-            )
-        cap_known = set(Capabilities.__dataclass_fields__)
-        cap_unknown = sorted(set(caps) - cap_known)
-        if cap_unknown:
-            raise TargetError(
-                f"target spec has unknown capabilities {', '.join(cap_unknown)}; "
-                f"known: {', '.join(sorted(cap_known))}"
-            )
+        _reject_unknown("field(s)", data, cls)
+        _reject_unknown("capabilities", caps, Capabilities)
         try:
             return cls(capabilities=Capabilities(**caps), **data)
         except TypeError as exc:  # a missing required field
             raise TargetError(f"target spec is incomplete: {exc}") from None
+
+
+def _reject_unknown(what: str, given: Mapping[str, Any], cls: type) -> None:
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TargetError(
+            f"target spec has unknown {what} {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
 
 
 _REGISTRY: dict[str, Target] = {}
