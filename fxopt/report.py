@@ -84,7 +84,12 @@ class Report:
             lines.append(f"verification vs {v.get('against', 'eager')}: {status}, max abs error "
                          f"{v.get('max_abs_error', 0):.3g}, relative to output scale {v.get('max_rel_error', 0):.3g}")
         if self.build:
-            lines.append("build: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.build.items()))
+            build = dict(self.build)
+            check = build.pop("check", None)
+            lines.append("build: " + ", ".join(f"{k}={_fmt(v)}" for k, v in build.items()))
+            if check is not None:
+                lines.append(f"build check vs eager: {'ok' if check['ok'] else 'FAILED'}, max abs error "
+                             f"{check['max_abs_error']:.3g}, relative to output scale {check['max_rel_error']:.3g}")
         return "\n".join(lines)
 
 

@@ -86,6 +86,15 @@ def test_export_writes_a_complete_build_and_load_checks_it(compiled, tmp_path):
     assert loaded.check().ok
     torch.testing.assert_close(loaded.run(X), compiled.run(X))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert path.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_tampered_build_is_refused(compiled, tmp_path):
