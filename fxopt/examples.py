@@ -8,33 +8,45 @@ from torch import nn
 from fxopt.testing import randomize_norm_stats
 
 
-def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride, 1, groups=groups, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+class MultiBranch(nn.Module):
+    """A training-time block: parallel conv-BN branches (kernel sizes ``kernels``), a BN on the
+    identity when the shape allows, summed, then ReLU. With kernels (3, 1) it is a RepVGG block;
+    with several 3x3 depthwise branches and a 1x1 one, a MobileOne depthwise block."""
+
+    def __init__(self, c_in: int, c_out: int, kernels=(3, 1), stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out))
+            for k in kernels)
+        self.identity = nn.BatchNorm2d(c_out) if c_in == c_out and stride == 1 else None
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.branches[0](x)
+        for branch in self.branches[1:]:
+            y = y + branch(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.act(y)
 
 
 class SmallCNN(nn.Module):
-    """A compact classifier in its training-time form: conv/BN/ReLU stages, a depthwise-separable
-    block with a residual add, dropout, global pooling and a linear head."""
+    """A compact classifier in its training-time form, as RepVGG and MobileOne are trained:
+    multi-branch conv-BN blocks, dropout, global pooling and a linear head. fxopt folds every
+    block into a single conv (``make demo`` shows it in the report)."""
 
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
-        self.stem = _conv_bn_relu(3, width, stride=2)
-        self.block = nn.Sequential(
-            _conv_bn_relu(width, width, groups=width),
-            nn.Conv2d(width, width, 1, bias=False),
-            nn.BatchNorm2d(width),
+        self.features = nn.Sequential(
+            MultiBranch(3, width, (3, 1), stride=2),                          # RepVGG-style stem
+            MultiBranch(width, width, (3, 1)),                                # + identity BN
+            MultiBranch(width, width, (3, 3, 1), stride=2, groups=width),     # MobileOne depthwise
+            MultiBranch(width, 2 * width, (1, 1)),                            # MobileOne pointwise
         )
-        self.down = _conv_bn_relu(width, 2 * width, stride=2)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = torch.relu(x + self.block(x))
-        return self.head(self.down(x))
+        return self.head(self.features(x))
 
 
 def small_cnn(seed: int = 0) -> SmallCNN:

@@ -147,6 +147,8 @@ def apply(p: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(p.name, stats, ctx.declines[n_declines:], seconds)
     if p.composite:
         return result
+    if result.changed and ctx.example_inputs:
+        _refresh_shapes(gm, ctx, p)  # every pass starts from fresh shapes in node.meta
     ctx.history.append(p.name)
     if before is not None:
         ctx.report.add_pass(p, result, before, _graph_figures(gm, ctx), ctx.iteration)
@@ -175,15 +177,19 @@ def _wrap(p: Pass, ctx: PassContext, exc: BaseException, cls: type[PassError]) -
     return wrapped
 
 
+def _refresh_shapes(gm: fx.GraphModule, ctx: PassContext, p: Pass) -> None:
+    try:
+        ir.propagate_shapes(gm, ctx.example_inputs)
+    except Exception as exc:
+        raise VerificationError(
+            f"after pass '{p.name}' (passes run: {', '.join(ctx.history + [p.name])}): the graph no longer runs "
+            f"on the example inputs: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _graph_figures(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int | None]:
-    """Node / parameter / MAC counts for the report (MACs need fresh shapes)."""
-    macs = None
-    if ctx.example_inputs:
-        try:
-            ir.propagate_shapes(gm, ctx.example_inputs)
-            macs = ir.count_macs(gm)
-        except Exception:
-            macs = None  # a broken graph is reported by verification, not here
+    """Node / parameter / MAC counts for the report (MACs from the shapes in node.meta)."""
+    macs = ir.count_macs(gm) if ctx.example_inputs else None
     return {"nodes": len(gm.graph.nodes), "params": ir.count_params(gm), "macs": macs}
 
 

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from fxopt import ir, kernels
 from fxopt.pass_manager import Pass, PassContext, register
+from fxopt.passes.affine import as_module, channel_affine, replace_with_module
 
 _AFFINE_KEYS = {"conv1d": "conv_bn", "conv2d": "conv_bn", "conv3d": "conv_bn", "linear": "linear_bn"}
 
@@ -60,7 +61,7 @@ class FoldBatchNorm(Pass):
         return stats
 
     def _fold(self, gm: fx.GraphModule, producer: fx.Node, bn_node: fx.Node) -> str | None:
-        bn = _as_module(gm, bn_node)
+        bn = as_module(gm, bn_node)
         if isinstance(bn, str):
             return bn
         bn = bn[0]
@@ -71,7 +72,7 @@ class FoldBatchNorm(Pass):
         if len(producer.users) != 1:
             others = ", ".join(sorted(u.name for u in producer.users if u is not bn_node))
             return f"'{producer.name}' output is also used by {others}"
-        affine = _as_module(gm, producer)
+        affine = as_module(gm, producer)
         if isinstance(affine, str):
             return affine
         affine, source = affine
@@ -104,10 +105,69 @@ class FoldBatchNorm(Pass):
         return None
 
 
-def _as_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.Node] | str:
-    """(module, input) for a module call or a functional call with constant weights, or why not."""
-    if node.op == "call_module":
-        if len(node.args) != 1 or node.kwargs:
-            return f"'{node.name}' is called with extra arguments"
-        return gm.get_submodule(node.target), node.args[0]
-    return ir.module_for_function(gm, node)
+@register
+@dataclass
+class FoldBatchNormBeforeConv(Pass):
+    """Fold a BatchNorm or constant per-channel scale/shift that feeds a conv or linear into it.
+
+    Algebra, with the affine y = s ⊙ x + t over input channels:
+      bn_conv / affine_conv:     conv(s ⊙ x + t; W, b)  =>  conv(x; W ⊙ s[in], b + Σ W·t[in])
+      bn_linear / affine_linear: linear(s ⊙ x + t)      =>  the same with taps = 1
+    Exact for a linear; for a conv when it has no padding, when t = 0, or when its padding mode
+    copies input values (reflect, replicate, circular commute with a per-channel affine).
+
+    Preconditions: shapes in node.meta.
+
+    Declines: a zero-padded conv after a non-zero shift (zero padding of a shifted input is not
+    exact: the border would see t instead of 0); the affine output has other users. (A
+    BatchNorm1d whose channels are not the linear's features is not an affine of them: no match.)
+
+    Stats: bn_conv, affine_conv, bn_linear, affine_linear.
+    """
+
+    name = "fold_bn_before_conv"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> Counter:
+        stats: Counter = Counter()
+        for node in list(gm.graph.nodes):
+            key = ir.op_key(node, gm)
+            if key not in ("conv1d", "conv2d", "conv3d", "linear") or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            producer = node.args[0]
+            channel_dim = -1 if key == "linear" else 1
+            found = channel_affine(gm, producer, channel_dim)
+            if found is None:
+                continue
+            source, affine, kind = found
+            rule = ("bn_" if kind == "batch_norm" else "affine_") + ("linear" if key == "linear" else "conv")
+            reason = self._fold(gm, node, producer, source, affine)
+            if reason:
+                ctx.decline(rule, node, reason)
+            else:
+                stats[rule] += 1
+        if stats:
+            gm.delete_all_unused_submodules()
+        return stats
+
+    @staticmethod
+    def _fold(gm, node, producer, source, affine) -> str | None:
+        found = as_module(gm, node)
+        if isinstance(found, str):
+            return found
+        layer, _ = found
+        if len(producer.users) != 1:
+            return f"'{producer.name}' output is also used by others"
+        if isinstance(layer, nn.Linear):
+            groups = 1  # (channel_affine only matched a BatchNorm whose channels are the features)
+        else:
+            padded = any(p != 0 for p in layer.padding) if not isinstance(layer.padding, str) else layer.padding != "valid"
+            if padded and layer.padding_mode == "zeros" and bool(affine.shift.any()):
+                return "the conv zero-pads a shifted input (the border would see the shift, not 0)"
+            groups = layer.groups
+        # conv(s ⊙ x + t) => conv(x; W ⊙ s, b + Σ W t)
+        weight, bias = kernels.fold_affine_before(layer.weight, layer.bias, affine, groups)
+        folded = copy.deepcopy(layer)
+        folded.weight, folded.bias = nn.Parameter(weight), nn.Parameter(bias)
+        replace_with_module(gm, node, folded, source, (node.target if node.op == "call_module" else node.name) + "_prescaled")
+        gm.graph.erase_node(producer)
+        return None

@@ -8,6 +8,7 @@ import fxopt
 from fxopt import artifact
 from fxopt.errors import ArtifactError, InputError, SpecError, TargetError, TraceError
 from fxopt.examples import small_cnn
+from fxopt.testing import op_counts
 
 X = torch.randn(1, 3, 32, 32)
 
@@ -19,7 +20,9 @@ def test_optimize_returns_a_verified_module():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in optimized.module.modules())
     torch.testing.assert_close(optimized.module(X), model(X), rtol=1e-4, atol=1e-5)
     assert optimized.report.verification["ok"]
-    assert [row.name for row in optimized.report.passes] == ["canonicalize", "fold_bn"]
+    assert optimized.report.pipeline == "canonicalize,fixpoint{max_iters=8}(fold_bn,fold_branches,fold_affine,fold_bn_before_conv)"
+    counts = op_counts(optimized.module)
+    assert counts["conv2d"] == 4 and counts["add"] == counts["batch_norm"] == counts["dropout"] == 0
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the user's model is untouched
 
 
@@ -79,7 +82,7 @@ def test_export_writes_a_complete_build_and_load_checks_it(compiled, tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["inputs"] == [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32", "golden": "input_0.npy"}]
     assert manifest["outputs"][0]["shape"] == [1, 10]
-    assert manifest["pipeline"] == "canonicalize,fold_bn" and manifest["target"]["name"] == "host"
+    assert manifest["pipeline"] == compiled.report.pipeline and manifest["target"]["name"] == "host"
     assert {"fxopt", "torch", "tvm"} <= set(manifest["versions"])
     assert set(manifest["files"]) == {"model.so", "input_0.npy", "expected_output_0.npy", "report.json"}
     loaded = fxopt.load(path)

@@ -88,7 +88,19 @@ def test_named_pipelines():
     default = spec.resolve("default").spec()
     builtin = {name for name, cls in registered_passes().items()
                if cls.__module__.startswith("fxopt.passes.") and cls.exact}
-    assert builtin <= set(default), f"default pipeline misses exact passes {builtin - set(default)}"
+    assert builtin <= _names(default), f"default pipeline misses exact passes {builtin - _names(default)}"
+
+
+def _names(items) -> set[str]:
+    names = set()
+    for item in items:
+        if isinstance(item, str):
+            names.add(item)
+        elif "fixpoint" in item:
+            names |= _names(item["fixpoint"])
+        else:
+            names.add(item["name"])
+    return names
 
 
 def test_malformed_items():

@@ -127,3 +127,40 @@ def test_property_random_conv_bn(c_in, c_mult, groups_on, k, stride, dilation, p
     model = randomize_norm_stats(nn.Sequential(
         nn.Conv2d(c_in, c_out, k, stride, padding, dilation, groups, bias), nn.BatchNorm2d(c_out)), seed).eval()
     check_pass("fold_bn", model, (torch.randn(2, c_in, size, size),), stats={"conv_bn": 1}, ops_after={"batch_norm": 0})
+
+
+@pytest.mark.parametrize(
+    "conv, stats",
+    [
+        (nn.Conv2d(4, 6, 3, padding=0), {"bn_conv": 1}),
+        (nn.Conv2d(4, 8, 3, padding=1, groups=4, padding_mode="reflect"), {"bn_conv": 1}),
+        (nn.Conv2d(4, 6, 1, stride=2, bias=False), {"bn_conv": 1}),
+    ],
+    ids=["unpadded", "grouped-reflect", "pointwise-strided"],
+)
+def test_bn_before_conv(conv, stats):
+    model = bn_model(nn.BatchNorm2d(4), conv)
+    check_pass("fold_bn_before_conv", model, (torch.randn(2, 4, 7, 7),), stats=stats,
+               ops_after={"batch_norm": 0, "conv2d": 1})
+
+
+def test_bn_before_linear_and_scale_before_conv():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.conv(x * 0.5)  # a pure scale commutes with zero padding
+            return self.fc(self.bn(y.mean((2, 3))))
+
+    check_pass("fold_bn_before_conv", randomize_norm_stats(M()).eval(), (torch.randn(2, 3, 6, 6),),
+               stats={"affine_conv": 1, "bn_linear": 1}, ops_after={"batch_norm": 0, "mul": 0})
+
+
+def test_bn_before_zero_padded_conv_is_declined():
+    model = bn_model(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1))
+    check_pass("fold_bn_before_conv", model, (torch.randn(2, 4, 7, 7),), stats={}, ops_after={"batch_norm": 1},
+               declines=["zero-pads a shifted input"])
