@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import json
 import os
 import statistics
 import sys
-import time
-import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_ms, ort_ms, print_table  # noqa: E402
 
 DEFAULT_MODELS = "mobilenetv2_w1,shufflenetv2_w1,ghostnet,resnet18"
 _MODULES = {  # model name -> pytorchcv module defining it
@@ -51,33 +51,6 @@ def _model(name: str):
 
         return get_model(name, pretrained=False).eval()
     return getattr(module, name)().eval()
-
-
-def _median_ms(fn, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _ort_ms(model, x, runs: int, threads: int) -> float | None:
-    import onnxruntime as ort
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"], opset_version=17)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy()}
-    return _median_ms(lambda: sess.run(None, feed), runs)
 
 
 def main() -> int:
@@ -128,7 +101,7 @@ def main() -> int:
         err = float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
         tvm_ms = statistics.median(lib.time(x, repeat=args.runs, number=1)) * 1e3  # warms up once
         with torch.inference_mode():
-            eager_ms = _median_ms(lambda: model(x), args.runs)
+            eager_ms = median_ms(lambda: model(x), args.runs)
         row = {
             "model": name,
             "optimize_s": sum(row.seconds for row in compiled.report.passes),
@@ -142,7 +115,7 @@ def main() -> int:
         if have_ort:
             try:
                 with torch.no_grad():
-                    row["ort_ms"] = _ort_ms(model, x, args.runs, args.threads)
+                    row["ort_ms"] = ort_ms(model, x, args.runs, args.threads)
             except Exception as exc:  # noqa: BLE001 - an optional column
                 print(f"  {name}: ONNX Runtime failed: {exc}", file=sys.stderr)
                 row["ort_ms"] = None
@@ -162,14 +135,10 @@ def main() -> int:
             f"{r['max_rel_err']:.1e}",
         ]
         if have_ort:
-            ort_ms = r.get("ort_ms")
-            line += ["-", "-"] if ort_ms is None else [f"{ort_ms:.2f}", f"{r['tvm_ms'] / ort_ms:.1f}"]
+            ort = r.get("ort_ms")
+            line += ["-", "-"] if ort is None else [f"{ort:.2f}", f"{r['tvm_ms'] / ort:.1f}"]
         cells.append(line)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for i, line in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(line, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(cells)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": vers, "threads": args.threads, "runs": args.runs, "rows": rows}, f,

@@ -12,43 +12,15 @@ Medians; ratios are train-time / folded. Never imported by tests.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def median_ms(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def ort_ms(model, x, runs: int, threads: int) -> float | None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    import torch
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    return median_ms(lambda: session.run(None, {"x": x.numpy()}), runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_ms, ort_ms, print_table  # noqa: E402
 
 
 def main() -> int:
@@ -107,12 +79,8 @@ def main() -> int:
         table.append([r["model"], f"{r['nodes'][0]} -> {r['nodes'][1]}",
                       f"{r['params'][0] / 1e6:.2f}M -> {r['params'][1] / 1e6:.2f}M", f"{r['fold_s']:.2f}",
                       f"{r['max_rel_err']:.1e}", *pair(r["eager"]), *pair(r.get("tvm")), *pair(r["ort"])])
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     print(f"batch 1, 3x224x224, {args.threads} threads; medians of {args.runs} runs ({args.tvm_runs} for TVM)")
-    for i, line in enumerate(table):
-        print("  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(line, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(table)
     return 0
 
 

@@ -139,8 +139,6 @@ def test_failed_export_leaves_nothing(compiled, tmp_path, monkeypatch):
 
 
 def test_build_for_another_cpu_is_refused(compiled, tmp_path):
-    import hashlib
-
     path = compiled.export(tmp_path / "build")
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["tvm_target"]["mcpu"] = "pentium4"

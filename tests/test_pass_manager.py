@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxopt import ir
 from fxopt.errors import PassError, SpecError, VerificationError

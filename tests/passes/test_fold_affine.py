@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxopt.testing import check_pass, op_counts
+from fxopt.testing import check_pass
 
 
 class ConvThenScale(nn.Module):

@@ -7,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fxopt import ir
-from fxopt.testing import check_pass, op_counts, randomize_norm_stats
+from fxopt.testing import check_pass, randomize_norm_stats
 
 
 def bn_model(*layers):
