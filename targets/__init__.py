@@ -16,7 +16,7 @@ import copy
 import difflib
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -87,6 +87,10 @@ class Target:
     toolchain: str | None = None  # cross compiler prefix ("aarch64-linux-gnu-"); None = host cc
     runner: str = "native"  # how a build is run: native, qemu, rpc, gpu
     library: str = "model.so"  # file name of the compiled library in a build directory
+    qemu_cpu: str | None = None  # qemu-user -cpu value ("rv64,v=true,vlen=128") for emulated runs
+    cores: int | None = None  # cores of the device (threads the runner may use); None = all
+    run_command: tuple[str, ...] = ()  # command prefix that runs the runner on the device (a board's ssh, say)
+    base: str | None = None  # the target a preset or board file derives from
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -109,6 +113,10 @@ class Target:
                 f"target {self.name!r}: capabilities must be a Capabilities, "
                 f"got {type(self.capabilities).__name__}"
             )
+        if self.cores is not None and (not isinstance(self.cores, int) or self.cores < 1):
+            raise TargetError(f"target {self.name!r}: cores must be a positive integer, got {self.cores!r}")
+        if not isinstance(self.run_command, tuple) or not all(isinstance(a, str) for a in self.run_command):
+            raise TargetError(f"target {self.name!r}: run_command must be a list of strings, got {self.run_command!r}")
         if not self.library or "/" in self.library:
             raise TargetError(
                 f"target {self.name!r}: library must be a plain file name, got {self.library!r}"
@@ -126,21 +134,22 @@ class Target:
 
     def runs_here(self) -> bool:
         """True when a build for this target can be run in this process on this machine."""
+        if self.runner == "gpu":
+            return self.tvm.get("kind") == "cuda" and _cuda_driver_present()
         return self.runner == "native" and self.arch == host_arch()
 
     def to_json(self) -> dict:
         """Plain JSON-able dict (for manifests and ``fxopt targets --json``)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "tvm": copy.deepcopy(dict(self.tvm)),
-            "capabilities": asdict(self.capabilities),
-            "pipeline": self.pipeline,
-            "schedule": self.schedule,
-            "toolchain": self.toolchain,
-            "runner": self.runner,
-            "library": self.library,
-        }
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        data["tvm"] = copy.deepcopy(dict(self.tvm))
+        data["capabilities"] = asdict(self.capabilities)
+        data["run_command"] = list(self.run_command)
+        return data
+
+    def derive(self, name: str, description: str, *, tvm: Mapping[str, Any] | None = None, **changes: Any) -> "Target":
+        """A preset or board: this target with ``tvm`` keys overridden and other fields changed."""
+        merged = {**self.tvm, **(tvm or {})}
+        return replace(self, name=name, description=description, tvm=merged, base=self.name, **changes)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Target":
@@ -149,6 +158,8 @@ class Target:
         caps = data.pop("capabilities", {}) or {}
         _reject_unknown("field(s)", data, cls)
         _reject_unknown("capabilities", caps, Capabilities)
+        if "run_command" in data:
+            data["run_command"] = tuple(data["run_command"])
         try:
             return cls(capabilities=Capabilities(**caps), **data)
         except TypeError as exc:  # a missing required field
@@ -162,6 +173,16 @@ def _reject_unknown(what: str, given: Mapping[str, Any], cls: type) -> None:
         raise TargetError(
             f"target spec has unknown {what} {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+
+
+def _cuda_driver_present() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 _REGISTRY: dict[str, Target] = {}
@@ -184,6 +205,10 @@ def get_target(name_or_target: str | Target) -> Target:
     """The registered target of that name (a Target is returned unchanged)."""
     if isinstance(name_or_target, Target):
         return name_or_target
+    if isinstance(name_or_target, str) and name_or_target.endswith(".toml"):
+        from .boards import load_board
+
+        return load_board(name_or_target)
     if not isinstance(name_or_target, str):
         raise TargetError(
             f"a target is a name or a Target, got {type(name_or_target).__name__}"
@@ -207,4 +232,4 @@ def list_targets() -> list[Target]:
 
 
 # Family modules register their targets on import.
-from . import host  # noqa: E402,F401
+from . import arm, gpu, host, riscv  # noqa: E402,F401
