@@ -176,13 +176,16 @@ def _reject_unknown(what: str, given: Mapping[str, Any], cls: type) -> None:
 
 
 def _cuda_driver_present() -> bool:
+    """An NVIDIA driver that initializes and sees at least one GPU (fxopt's build-time stub of
+    libcuda.so.1 has no cuInit, so it never passes)."""
     import ctypes
 
     try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
+        driver = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except (OSError, AttributeError):
         return False
-    return True
 
 
 _REGISTRY: dict[str, Target] = {}
