@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.export import ExportedProgram
 
 from fxopt import artifact, ir, spec
 from fxopt import verify as verification
@@ -32,31 +33,35 @@ class Optimized:
 
 
 def optimize(
-    model: nn.Module,
+    model: nn.Module | ExportedProgram,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     pipeline: Pass | Sequence | str = "default",
     verify: str = "end",
     *,
     target: Any = None,
     leaf_modules: Sequence[type | str] = (),
+    capture: str = "auto",
 ) -> Optimized:
     """Trace ``model`` and run ``pipeline`` on it; outputs are checked against the eager model.
 
     ``pipeline`` is a named pipeline ("default", "none"), a TOML file, a one-line text
     ("canonicalize,fold_bn"), a list, or a Pass. ``verify`` is "each" (after every pass that
-    changed the graph), "end" or "off". The model itself is never modified.
+    changed the graph), "end" or "off". ``capture`` is "auto" (torch.fx, then torch.export when fx
+    cannot trace the model), "fx" or "export"; ``model`` may also be an ExportedProgram (e.g. from
+    ``torch.export.load``), checked against its own ``.module()``. The model is never modified.
     """
     from fxopt.targets import get_target
 
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ir.check_eval_mode(model)
+    reference = reference_module(model)
+    if not isinstance(model, ExportedProgram):
+        ir.check_eval_mode(model)
     resolved_target = get_target(target) if target is not None else None
     pipe = spec.resolve(pipeline)
     inputs = ir.as_input_tuple(example_inputs)
-    gm = ir.trace(model, inputs, leaf_modules)
-    report = Report(model=type(model).__name__, capture=gm.meta["fxopt"]["capture"], pipeline=spec.to_text(pipe.spec()))
-    ctx = PassContext(example_inputs=inputs, target=resolved_target, verify=verify, reference=model, report=report)
+    gm = ir.trace(model, inputs, leaf_modules, capture=capture)
+    report = Report(model=model_name(model), capture=gm.meta["fxopt"]["capture"],
+                    capture_note=gm.meta["fxopt"].get("capture_note", ""), pipeline=spec.to_text(pipe.spec()))
+    ctx = PassContext(example_inputs=inputs, target=resolved_target, verify=verify, reference=reference, report=report)
     apply(pipe, gm, ctx)
     ir.propagate_shapes(gm, inputs)
     if verify != "off":
@@ -64,6 +69,19 @@ def optimize(
         comparison = verification.check_equivalent(ctx.reference, gm, inputs)
         report.verification = {"against": "eager", **comparison.to_json()}
     return Optimized(gm, report, inputs)
+
+
+def reference_module(model: nn.Module | ExportedProgram) -> nn.Module:
+    """What outputs are checked against: the model itself, or a program's ``.module()``."""
+    if isinstance(model, ExportedProgram):
+        return model.module()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
+    return model
+
+
+def model_name(model: nn.Module | ExportedProgram) -> str:
+    return "ExportedProgram" if isinstance(model, ExportedProgram) else type(model).__name__
 
 
 def _flat_outputs(outputs: Any) -> tuple[list[torch.Tensor], Any]:
@@ -132,16 +150,18 @@ def compile(
     verify: str = "end",
     *,
     leaf_modules: Sequence[type | str] = (),
+    capture: str = "auto",
 ) -> Compiled:
     """optimize → lower to Relax → build for ``target``; on a target that runs here, check the build
-    against the eager model before returning it. ``pipeline`` defaults to the target's."""
+    against the eager model before returning it. ``pipeline`` defaults to the target's;
+    ``capture`` and ``leaf_modules`` are optimize's."""
     from fxopt.targets import get_target, tvm_backend
 
     resolved = get_target(target)
     optimized = optimize(model, example_inputs, resolved.pipeline if pipeline is None else pipeline, verify,
-                         target=resolved, leaf_modules=leaf_modules)
+                         target=resolved, leaf_modules=leaf_modules, capture=capture)
     inputs = optimized.example_inputs
-    expected, tree = _flat_outputs(verification.run_reference(model, inputs))
+    expected, tree = _flat_outputs(verification.run_reference(reference_module(model), inputs))
     start = time.perf_counter()
     relax_module = tvm_backend.lower(optimized.module, inputs)
     lowered = time.perf_counter()

@@ -70,6 +70,25 @@ def build_model(spec: str):
     return model
 
 
+def _random_inputs(shapes: list[tuple[int, ...]], dtypes: list[str], seed: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for shape, dtype in zip(shapes, dtypes):
+        torch_dtype = getattr(torch, dtype)
+        if torch_dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(torch_dtype))
+        else:
+            inputs.append(torch.randint(0, 2 if torch_dtype == torch.bool else 10, shape, generator=generator).to(torch_dtype))
+    return tuple(inputs)
+
+
+def is_saved_program(spec: str) -> bool:
+    """MODEL names a saved torch.export program (``model.pt2``)."""
+    return spec.endswith(".pt2")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
@@ -80,24 +99,39 @@ def cmd_build(args: argparse.Namespace) -> int:
     target = get_target(args.target)  # unknown targets fail before any work
     artifact.check_destination(Path(args.output).resolve(), args.force)
     shapes = [parse_shape(s) for s in args.input_shape]
-    dtypes = args.input_dtype or ["float32"]
-    if len(dtypes) not in (1, len(shapes)):
-        raise InputError(f"give one --input-dtype for all inputs or one per --input-shape ({len(shapes)}), got {len(dtypes)}")
-    dtypes = dtypes * len(shapes) if len(dtypes) == 1 else dtypes
-    model = build_model(args.model)
-    if model.training:
-        log.info("calling .eval() on the model: a deployment build is for inference")
-        model.eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    inputs = []
-    for shape, dtype in zip(shapes, dtypes):
-        torch_dtype = getattr(torch, dtype)
-        if torch_dtype.is_floating_point:
-            inputs.append(torch.randn(shape, generator=generator).to(torch_dtype))
-        else:
-            inputs.append(torch.randint(0, 2 if torch_dtype == torch.bool else 10, shape, generator=generator).to(torch_dtype))
-    compiled = fxopt.compile(model, tuple(inputs), target=target, pipeline=args.pipeline, verify=args.verify,
-                             leaf_modules=args.leaf)
+    saved = is_saved_program(args.model)
+    if not shapes and not saved:
+        raise InputError("give the shape of each example input with --input-shape (e.g. --input-shape 1x3x224x224); "
+                         "only a saved ExportedProgram (MODEL.pt2) carries its own input shapes")
+    if args.input_dtype and len(args.input_dtype) not in (1, len(shapes)) and shapes:
+        raise InputError(f"give one --input-dtype for all inputs or one per --input-shape ({len(shapes)}), "
+                         f"got {len(args.input_dtype)}")
+    if saved:
+        from fxopt import capture
+
+        model = capture.load_program(args.model)
+        declared = capture.program_inputs(model)
+        dtypes = None
+        if args.input_dtype:
+            if len(args.input_dtype) not in (1, len(declared)):
+                raise InputError(f"give one --input-dtype for all inputs or one per program input ({len(declared)}), "
+                                 f"got {len(args.input_dtype)}")
+            names = args.input_dtype * len(declared) if len(args.input_dtype) == 1 else args.input_dtype
+            dtypes = [getattr(torch, d) for d in names]
+        inputs = capture.program_example_inputs(model, shapes or None, dtypes, seed=args.seed)
+        log.info("loaded %s: inputs %s", args.model, ", ".join(p.describe() for p in declared))
+    else:
+        dtypes = args.input_dtype or ["float32"]
+        dtypes = dtypes * len(shapes) if len(dtypes) == 1 else dtypes
+        model = build_model(args.model)
+        if model.training:
+            log.info("calling .eval() on the model: a deployment build is for inference")
+            model.eval()
+        inputs = _random_inputs(shapes, dtypes, args.seed)
+    compiled = fxopt.compile(model, inputs, target=target, pipeline=args.pipeline, verify=args.verify,
+                             leaf_modules=args.leaf, capture=args.capture)
+    if saved:
+        compiled.report.model = Path(args.model).name
     path = compiled.export(args.output, force=args.force)
     print(compiled.report.to_text())
     print(f"wrote {path}")
@@ -148,15 +182,21 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="optimize, compile and package a model into a build directory")
-    build.add_argument("model", metavar="MODEL", help="path/to/file.py:factory or package.module:factory")
-    build.add_argument("--input-shape", action="append", required=True, metavar="1x3x224x224",
-                       help="shape of an example input (repeat for several inputs)")
+    build.add_argument("model", metavar="MODEL",
+                       help="path/to/file.py:factory, package.module:factory, or a saved ExportedProgram "
+                            "(torch.export.save) path/to/model.pt2")
+    build.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224",
+                       help="shape of an example input (repeat for several inputs); optional for a .pt2 MODEL, "
+                            "whose own shapes are used")
     build.add_argument("--input-dtype", action="append", choices=_DTYPES, help="dtype of the inputs (default float32)")
     build.add_argument("--target", default="host", help="target name (see `fxopt targets`)")
     build.add_argument("--pipeline", default=None, help="named pipeline, TOML file, or text such as canonicalize,fold_bn")
     build.add_argument("--verify", default="end", choices=("each", "end", "off"))
     build.add_argument("--leaf", action="append", default=[], metavar="CLASS_OR_PATH",
-                       help="keep this submodule (class name or qualified path) opaque when tracing")
+                       help="keep this submodule (class name or qualified path) opaque when tracing with torch.fx")
+    build.add_argument("--capture", default="auto", choices=("auto", "fx", "export"),
+                       help="how the model becomes a graph: torch.fx symbolic tracing, torch.export, or auto "
+                            "(fx, then export when fx cannot trace it; the default)")
     build.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
     build.add_argument("-o", "--output", required=True, help="build directory to write")
     build.add_argument("--force", action="store_true", help="replace an existing directory that is not an fxopt build")

@@ -158,18 +158,73 @@ def check_eval_mode(model: nn.Module) -> None:
         )
 
 
+CAPTURES = ("auto", "fx", "export")
+
+
 def trace(
-    model: nn.Module,
+    model: nn.Module | "torch.export.ExportedProgram",
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     leaf_modules: Sequence[type | str] = (),
+    capture: str = "auto",
 ) -> fx.GraphModule:
     """Capture ``model`` as a module-level fx.GraphModule with shapes in ``node.meta``.
 
-    The model is deep-copied first: passes replace modules and tensors freely, and the user's
-    model must stay untouched. Raises InputError for inputs the model rejects and TraceError,
-    naming the source line and the submodule, for models torch.fx cannot trace.
+    ``capture`` picks the path: "fx" (torch.fx symbolic tracing), "export" (torch.export, then
+    raised into the same module-level form by ``fxopt.capture``), or "auto": fx first, export
+    when fx cannot trace the model. ``model`` may also be an ExportedProgram (a saved .pt2), which
+    is raised directly. ``gm.meta["fxopt"]["capture"]`` says which path was used.
+
+    The model is copied first: passes replace modules and tensors freely, and the user's model
+    must stay untouched. Raises InputError for inputs the model rejects and TraceError, naming
+    the source line (and for fx the submodule), when no path can capture it.
     """
+    from torch.export import ExportedProgram
+
+    if capture not in CAPTURES:
+        raise InputError(f"capture={capture!r} is not one of {', '.join(repr(c) for c in CAPTURES)}")
+    if isinstance(model, ExportedProgram):
+        if capture == "fx":
+            raise InputError("an ExportedProgram is already captured by torch.export: use capture='export' or 'auto'")
+        if leaf_modules:
+            raise InputError("leaf_modules only apply to torch.fx tracing, not to an ExportedProgram: drop them")
+        return _raise_exported(model, check_example_inputs(model.module(), example_inputs), "ExportedProgram")
     inputs = check_example_inputs(model, example_inputs)
+    if capture == "export":
+        if leaf_modules:
+            raise InputError("leaf_modules only apply to torch.fx tracing: drop them, or use capture='fx' or 'auto'")
+        return _trace_export(model, inputs)
+    try:
+        return _trace_fx(model, inputs, leaf_modules)
+    except TraceError as fx_error:
+        if capture == "fx":
+            raise
+        try:
+            gm = _trace_export(model, inputs)
+        except TraceError as export_error:
+            raise TraceError(
+                f"neither torch.fx nor torch.export can capture {type(model).__name__}:\n{fx_error}\n{export_error}"
+            ) from export_error
+        gm.meta["fxopt"]["capture_note"] = _fallback_note(fx_error)
+        return gm
+
+
+def _fallback_note(fx_error: TraceError) -> str:
+    """One line for the report: why auto capture fell back to torch.export."""
+    cause = fx_error.__cause__
+    text = str(cause if cause is not None else fx_error).strip()
+    first = text.splitlines()[0] if text else type(cause).__name__
+    sentence = first.split(". ")[0].rstrip(".").removeprefix("torch.fx cannot trace this model: ")
+    kind = f"{type(cause).__name__}: " if cause is not None else ""
+    at = next((line.strip() for line in str(fx_error).splitlines() if line.startswith("  at ")), "")
+    where = ""
+    if at:
+        location = at.removeprefix("at ").split(" in ")[0]
+        path, _, line = location.rpartition(":")
+        where = f" at {os.path.basename(path)}:{line}"
+    return f"torch.fx failed: {kind}{sentence}{where}"
+
+
+def _trace_fx(model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_modules: Sequence[type | str]) -> fx.GraphModule:
     model = copy.deepcopy(model)
     tracer = _FxoptTracer(leaf_modules)
     try:
@@ -186,6 +241,28 @@ def trace(
             f"the traced graph of {type(model).__name__} does not run on the example inputs "
             f"({type(exc).__name__}: {exc}); the model's forward probably branches on its inputs in a "
             "way torch.fx recorded for one case only: mark that submodule as a leaf"
+        ) from exc
+    return gm
+
+
+def _trace_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    from fxopt import capture
+
+    # torch.export does not modify the model, and raising copies every weight it keeps
+    return _raise_exported(capture.export(model, inputs), inputs, type(model).__name__)
+
+
+def _raise_exported(ep: Any, inputs: tuple[torch.Tensor, ...], name: str) -> fx.GraphModule:
+    from fxopt import capture
+
+    gm = capture.raise_program(ep, name)
+    try:
+        propagate_shapes(gm, inputs)
+    except Exception as exc:
+        raise TraceError(
+            f"the graph raised from torch.export's program of {name} does not run on the example inputs "
+            f"({type(exc).__name__}: {exc}); this is an fxopt bug: retry with capture='fx' where possible, "
+            "and report it"
         ) from exc
     return gm
 
@@ -557,3 +634,129 @@ def module_for_function(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, f
     if bias is not None:
         module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     return module, named["input"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph signature
+#
+# What the passes see of a graph, independent of how it was captured and of node names: one
+# entry per node with an op key, in graph order, with the module type and hyper-parameters or the
+# normalized options, the output shape, and where each tensor input comes from. Nodes without
+# an op key (views, size arithmetic, getitem ...) are transparent: an input read through them
+# names the keyed ops, graph inputs and constants behind them.
+
+# Non-tensor parameters of each stateless op key, with defaults (after the tensor inputs).
+_POOL_MAX = (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
+             ("return_indices", False))
+_POOL_AVG = (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+             ("count_include_pad", True), ("divisor_override", None))
+_OPTION_NAMES: dict[str, tuple[tuple[str, Any], ...]] = {
+    "gelu": (("approximate", "none"),),
+    "leaky_relu": (("negative_slope", 0.01),),
+    "elu": (("alpha", 1.0),),
+    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),
+    "softmax": (("dim", None), ("_stacklevel", 3), ("dtype", None)),
+    "max_pool1d": _POOL_MAX, "max_pool2d": _POOL_MAX,
+    "avg_pool1d": _POOL_AVG[:5], "avg_pool2d": _POOL_AVG,
+    "adaptive_avg_pool1d": (("output_size", None),), "adaptive_avg_pool2d": (("output_size", None),),
+    "adaptive_max_pool2d": (("output_size", None), ("return_indices", False)),
+    "flatten": (("start_dim", 0), ("end_dim", -1)),
+    "cat": (("dim", 0),),
+    "mean": (("dim", None), ("keepdim", False), ("dtype", None)),
+}
+_DROPPED_OPTIONS = {"inplace", "_stacklevel"}
+
+
+def graph_signature(gm: fx.GraphModule) -> list[tuple]:
+    """The graph as the passes see it: comparable across capture paths (needs shapes in meta)."""
+    refs: dict[fx.Node, frozenset] = {}
+    entries: list[tuple] = []
+    n_inputs = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            refs[node] = frozenset({("input", n_inputs)})
+            n_inputs += 1
+            continue
+        if node.op == "get_attr":
+            value = get_attr_value(gm, node.target)
+            refs[node] = frozenset({("const", tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__)})
+            continue
+        if node.op == "output":
+            entries.append(("output", _signature_sources(node.args, refs)))
+            continue
+        form = classify(node, gm)
+        if form is None:
+            sources = _signature_sources((node.args, node.kwargs), refs)
+            refs[node] = frozenset(ref for group in sources for ref in group)
+            continue
+        if node.op == "call_module" and form.key in PARAMETRIC_KEYS:
+            attrs, args = _module_signature(gm.get_submodule(node.target)), tuple(node.args)
+        else:
+            attrs, args = _options_signature(form, node), form.args
+        shape = shape_of(node)
+        entries.append((form.key, attrs, tuple(shape) if shape is not None else None, _signature_sources(args, refs)))
+        refs[node] = frozenset({("op", len(entries) - 1)})
+    return entries
+
+
+def _signature_sources(value: Any, refs: dict[fx.Node, frozenset]) -> tuple:
+    """For each node in ``value`` (in order): the sorted sources it reads."""
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(value, nodes.append)
+    return tuple(tuple(sorted(refs.get(n, frozenset()), key=repr)) for n in nodes)
+
+
+def _module_signature(module: nn.Module) -> tuple:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (type(module).__name__, module.in_channels, module.out_channels, tuple(module.kernel_size),
+                tuple(module.stride), module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                tuple(module.dilation), module.groups, module.bias is not None, module.padding_mode)
+    if isinstance(module, nn.Linear):
+        return ("Linear", module.in_features, module.out_features, module.bias is not None)
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return (type(module).__name__, module.num_features, module.eps, module.affine, module.track_running_stats)
+    return (type(module).__name__,)
+
+
+def _options_signature(form: OpForm, node: fx.Node) -> tuple:
+    """The non-tensor options of a stateless op, bound to names with defaults and normalized."""
+    if form.key in _BINARY_KEYS:
+        # x + 1 and 1 + x: the tensor inputs are the sources, the scalars the options
+        return tuple(sorted((repr(a) for a in form.args if not isinstance(a, fx.Node))))
+    if form.key == "cat":
+        tensors = form.args[0] if form.args else form.kwargs.get("tensors")
+        positional = form.args[1:]
+    else:
+        tensors = form.args[0] if form.args else form.kwargs.get("input")
+        positional = form.args[1:]
+    names = _OPTION_NAMES.get(form.key, ())
+    options = {name: default for name, default in names}
+    options.update(zip((name for name, _ in names), positional))
+    options.update({k: v for k, v in form.kwargs.items() if k not in ("input", "tensors")})
+    for name in _DROPPED_OPTIONS:
+        options.pop(name, None)
+    first = tensors[0] if isinstance(tensors, (list, tuple)) and tensors else tensors
+    shape = shape_of(first) if isinstance(first, fx.Node) else None
+    rank = len(shape) if shape is not None else None
+    return tuple(sorted((name, _normalize_option(form.key, name, value, options, rank)) for name, value in options.items()))
+
+
+def _normalize_option(key: str, name: str, value: Any, options: dict, rank: int | None) -> Any:
+    spatial = 1 if key.endswith("1d") else 2 if key.endswith("2d") else None
+    if isinstance(value, list):
+        value = tuple(value)
+    if spatial is not None and name in ("kernel_size", "stride", "padding", "dilation", "output_size"):
+        if name == "stride" and (value is None or value == ()):
+            value = options.get("kernel_size")
+        if isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, tuple):
+            value = (value,) * spatial
+    if name in ("dim", "start_dim", "end_dim") and rank:
+        if isinstance(value, tuple):
+            value = tuple(sorted(d % rank for d in value))
+        elif isinstance(value, int):
+            value = value % rank
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value

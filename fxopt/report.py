@@ -29,7 +29,8 @@ class PassRow:
 @dataclass
 class Report:
     model: str = ""
-    capture: str = "fx"
+    capture: str = "fx"  # how the graph was captured: "fx" or "export"
+    capture_note: str = ""  # why the auto capture fell back to torch.export
     pipeline: str = ""  # the spec that ran, as one-line text
     passes: list[PassRow] = field(default_factory=list)
     verification: dict[str, Any] | None = None
@@ -56,7 +57,7 @@ class Report:
         return path
 
     def to_text(self) -> str:
-        lines = [f"model: {self.model}   capture: {self.capture}",
+        lines = [f"model: {self.model}   capture: {self.capture}" + (f" ({self.capture_note})" if self.capture_note else ""),
                  f"pipeline: {self.pipeline or '(none)'}"]
         header = ("pass", "changed", "stats", "nodes", "params", "MACs", "time")
         rows = [header]

@@ -59,8 +59,14 @@ def test_untraceable_model():
                 x = x + row
             return x
 
+    x = torch.randn(2, 2)
     with pytest.raises(TraceError, match="for row in x"):
-        fxopt.optimize(Bad().eval(), (torch.randn(2, 2),))
+        fxopt.optimize(Bad().eval(), (x,), capture="fx")
+    optimized = fxopt.optimize(Bad().eval(), (x,))  # auto: torch.export unrolls the loop
+    assert optimized.report.capture == "export"
+    assert optimized.report.capture_note.startswith("torch.fx failed: TraceError: Proxy object cannot be iterated at "
+                                                    "test_api.py:")
+    torch.testing.assert_close(optimized.module(x), Bad()(x))
 
 
 @pytest.fixture(scope="module")

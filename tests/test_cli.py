@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -87,10 +88,72 @@ def test_passes_and_targets(capsys):
     code, out, _ = run_cli(capsys, "passes", "-v")
     assert "Declines:" in out
     code, out, _ = run_cli(capsys, "targets")
-    assert code == 0 and out.startswith("host")
+    names = [line.split()[0] for line in out.splitlines()]
+    assert code == 0 and {"host", "arm64", "riscv64-rvv", "cuda"} <= set(names)
 
 
 def test_python_dash_m_and_debug_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fxopt", "--debug", "check", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" in result.stderr and "manifest.json is missing" in result.stderr
+
+
+UNTRACEABLE = (
+    "import torch\n"
+    "class Mixed(torch.nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(2, 2, k, padding=k // 2) for k in (1, 3))\n"
+    "        self.bn = torch.nn.BatchNorm2d(4)\n"
+    "    def forward(self, x):\n"
+    "        return self.bn(torch.cat([c(t) for t, c in zip(torch.split(x, 2, 1), self.convs)], 1))\n"
+    "def make():\n"
+    "    return Mixed()\n"
+)
+
+
+def test_capture_flag(tmp_path, capsys):
+    (tmp_path / "mixed.py").write_text(UNTRACEABLE)
+    spec = f"{tmp_path}/mixed.py:make"
+    code, out, err = run_cli(capsys, "build", spec, "--input-shape", "1x4x8x8", "-o", str(tmp_path / "auto"))
+    assert code == 0, err
+    assert "capture: export (torch.fx failed: TraceError: Proxy object cannot be iterated at mixed.py:8)" in out
+    code, out, err = run_cli(capsys, "build", spec, "--input-shape", "1x4x8x8", "--capture", "fx",
+                             "-o", str(tmp_path / "fx"))
+    assert code == 2 and "torch.fx cannot trace this model" in err and "mixed.py:8" in err
+    assert not (tmp_path / "fx").exists()
+    code, out, err = run_cli(capsys, *BUILD, "--capture", "export", "-o", str(tmp_path / "export"))
+    assert code == 0, err
+    assert "capture: export\n" in out and "fold_bn" in out
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["capture"] == "export"
+    assert run_cli(capsys, "check", str(tmp_path / "export"))[0] == 0
+
+
+def test_saved_exported_program_builds_and_checks(tmp_path, capsys):
+    import torch
+
+    from fxopt.examples import small_cnn
+
+    program = torch.export.export(small_cnn(), (torch.randn(2, 3, 32, 32),))
+    torch.export.save(program, tmp_path / "model.pt2")
+    out_dir = tmp_path / "b"
+    code, out, err = run_cli(capsys, "build", str(tmp_path / "model.pt2"), "-o", str(out_dir))
+    assert code == 0, err
+    assert "model: model.pt2   capture: export" in out and "conv_bn=" in out
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [2, 3, 32, 32] and manifest["model"] == "model.pt2"
+    code, out, _ = run_cli(capsys, "check", str(out_dir))
+    assert code == 0 and "match" in out and "MISMATCH" not in out
+    # shapes given must be the program's; fx cannot re-trace a program; leaves do not apply
+    for extra, message in ((["--input-shape", "1x3x32x32"], "does not match the program's input 'x' (2x3x32x32"),
+                           (["--capture", "fx"], "already captured by torch.export"),
+                           (["--leaf", "Conv2d"], "leaf_modules only apply to torch.fx"),
+                           (["--input-dtype", "float16"], "--input-dtype float16 does not match")):
+        code, _, err = run_cli(capsys, "build", str(tmp_path / "model.pt2"), *extra, "-o", str(tmp_path / "o"))
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_input_shape_is_required_for_a_factory(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "fxopt.examples:small_cnn", "-o", str(tmp_path / "o"))
+    assert code == 2 and "give the shape of each example input with --input-shape" in err
