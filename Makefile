@@ -1,13 +1,13 @@
 # Two commands on a fresh machine (only python3 needed):
 #   make demo   installs into .venv, builds the bundled example for the host and checks the build
-#   make test   installs into .venv and runs the default test suite
+#   make test   installs into .venv (and the cross toolchains + qemu-user with apt) and runs the tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxopt-installed
 DEMO   := build/demo
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all clean cross-deps
 
 install: $(STAMP)
 
@@ -24,8 +24,15 @@ demo: $(STAMP)
 	$(BIN)/fxopt build fxopt.examples:small_cnn --input-shape 1x3x64x64 -o $(DEMO) --force
 	$(BIN)/fxopt check $(DEMO)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not device" -q
+# The cross test tier builds for AArch64 and RISC-V and runs the builds under qemu-user.
+CROSS_DEBS := g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user
+cross-deps:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v riscv64-linux-gnu-g++ >/dev/null \
+	  && command -v qemu-riscv64 >/dev/null && command -v qemu-aarch64 >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CROSS_DEBS) >/dev/null; }
+
+test: $(STAMP) cross-deps
+	FXOPT_REQUIRE_CROSS=1 $(BIN)/python -m pytest -m "not slow and not device" -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

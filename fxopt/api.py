@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch.export import ExportedProgram
 
 from fxopt import artifact, ir, spec
 from fxopt import verify as verification
-from fxopt.errors import ArtifactError, InputError, VerificationError
+from fxopt.errors import ArtifactError, InputError, TargetError, VerificationError
 from fxopt.pass_manager import Pass, PassContext, apply
 from fxopt.report import Report
 
@@ -104,11 +105,27 @@ class Compiled:
     expected_outputs: list[torch.Tensor]
     output_tree: Any
     tvm_target: dict = field(default_factory=dict)
+    _scratch: Any = field(default=None, repr=False)  # the saved library, for runs through the target's runner
 
     def run(self, *tensors: torch.Tensor) -> Any:
-        """Outputs for ``tensors``, with the eager model's output structure."""
-        outputs = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*tensors)]
-        return pytree.tree_unflatten(outputs, self.output_tree)
+        """Outputs for ``tensors``, with the eager model's output structure: in this process
+        where the target runs here, else with the target's runner (qemu-user for emulated CPUs)."""
+        return pytree.tree_unflatten(self._outputs(tensors), self.output_tree)
+
+    def _outputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        from fxopt.targets import runners
+
+        if self.target.runs_here():
+            arrays = self.library.run(*tensors)
+        else:
+            runners.command_prefix(self.target)  # says why, before any work, when it cannot run here
+            if self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="fxopt-compiled-")
+                self.library.save(Path(self._scratch.name) / self.target.library)
+            runtime = runners.runtime_for(self.target)
+            arrays = runners.run(self.target, runtime.runner, Path(self._scratch.name) / self.target.library,
+                                 [t.detach().cpu().numpy() for t in tensors])
+        return [torch.from_numpy(np.asarray(a)) for a in arrays]
 
     def export(self, path: str | Path, force: bool = False) -> Path:
         """Write a deployment directory (complete or absent) and return its path."""
@@ -130,9 +147,18 @@ class Compiled:
         }
         return artifact.write(
             path, manifest=manifest, inputs=self.example_inputs, outputs=self.expected_outputs,
-            save_library=lambda directory: self.library.save(directory / self.target.library),
-            report=self.report.to_json(), force=force,
+            write_payload=self._write_payload, report=self.report.to_json(), force=force,
         )
+
+    def _write_payload(self, directory: Path) -> list[str]:
+        """The compiled library and, for CPU targets, the runner and a README on running it."""
+        from fxopt.targets import runners
+
+        names = [self.library.save(directory / self.target.library).name]
+        if runners.ships_runner(self.target):
+            names += runners.copy_runtime(runners.runtime_for(self.target), directory)
+        (directory / "README.txt").write_text(runners.readme(self.target, self.target.library, len(self.example_inputs)))
+        return names + ["README.txt"]
 
 
 def _versions() -> dict[str, str]:
@@ -171,15 +197,31 @@ def compile(
     report.build = {"target": resolved.name, "lower_s": round(lowered - start, 3), "build_s": round(built - lowered, 3)}
     compiled = Compiled(optimized.module, report, resolved, library, inputs, expected, tree,
                         tvm_backend.resolve_target(resolved))
-    if verify != "off" and resolved.runs_here():
-        actual = [torch.from_numpy(np.asarray(o)) for o in library.run(*inputs)]
-        comparison = verification.compare_outputs(expected, actual, *verification.BUILD_TOLERANCE)
-        report.build["check"] = comparison.to_json()
-        if not comparison.ok:
-            raise VerificationError(
-                f"the {resolved.name} build of {report.model} does not match eager PyTorch: {comparison.detail}"
-            )
+    if verify != "off":
+        _check_build(compiled, expected)
     return compiled
+
+
+def _check_build(compiled: Compiled, expected: list[torch.Tensor]) -> None:
+    """Run the build (here, or with its runner under emulation) and compare with eager PyTorch.
+    A GPU build is only checked where its GPU is; a CPU build must run, or say why it cannot."""
+    from fxopt.targets import runners
+
+    target, report = compiled.target, compiled.report
+    if target.tvm.get("kind") != "llvm" and not target.runs_here():
+        report.build["check"] = {"ok": None, "skipped": f"no {target.tvm.get('kind')} device on this machine"}
+        return
+    try:
+        actual = compiled._outputs(compiled.example_inputs)
+    except TargetError as exc:
+        raise TargetError(f"{exc}; or build with verify='off' (CLI: --verify off) to skip running the build") from exc
+    comparison = verification.compare_outputs(expected, actual, *verification.BUILD_TOLERANCE)
+    prefix = [] if target.runs_here() else runners.command_prefix(target)
+    report.build["check"] = {**comparison.to_json(), "ran": " ".join(prefix) if prefix else "natively"}
+    if not comparison.ok:
+        raise VerificationError(
+            f"the {target.name} build of {report.model} does not match eager PyTorch: {comparison.detail}"
+        )
 
 
 @dataclass
@@ -188,34 +230,69 @@ class Loaded:
 
     manifest: artifact.Manifest
     target: Any
-    library: Any
+    library: Any  # the library loaded in this process, or None when it runs with the target's runner
     output_tree: Any
 
     def run(self, *tensors: torch.Tensor) -> Any:
-        outputs = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*tensors)]
-        return pytree.tree_unflatten(outputs, self.output_tree)
+        from fxopt.targets import runners
+
+        if self.library is not None:
+            arrays = self.library.run(*tensors)
+        else:
+            arrays = runners.run(self.target, self.manifest.file(runners.RUNNER), self.manifest.file(self.target.library),
+                                 [t.detach().cpu().numpy() for t in tensors])
+        return pytree.tree_unflatten([torch.from_numpy(np.asarray(a)) for a in arrays], self.output_tree)
 
     def check(self) -> verification.Comparison:
-        """Run the golden input and compare with the expected output, at the build's tolerance."""
+        """Run the golden input and compare with the expected output, at the build's tolerance:
+        in this process where the target runs here, else with the shipped runner (qemu-user)."""
+        from fxopt.targets import runners
+
         tolerance = self.manifest.data["tolerance"]
-        actual = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*self.manifest.golden_inputs())]
-        return verification.compare_outputs(self.manifest.golden_outputs(), actual, tolerance["rtol"], tolerance["atol"])
+        if self.library is not None:
+            actual = [torch.from_numpy(np.asarray(o)) for o in self.library.run(*self.manifest.golden_inputs())]
+            return verification.compare_outputs(self.manifest.golden_outputs(), actual, tolerance["rtol"], tolerance["atol"])
+        if runners.RUNNER not in self.manifest.data["files"]:
+            raise TargetError(f"a {self.target.name} build cannot run on this machine: "
+                              f"{_why_not_here(self.target)}; run it on the device (see README.txt)")
+        ok, max_abs, max_rel, detail = runners.check(self.target, self.manifest.path, self.target.library,
+                                                     tolerance["rtol"], tolerance["atol"])
+        return verification.Comparison(ok, max_abs, max_rel, "" if ok else detail)
+
+    def runs_with(self) -> str:
+        """How ``check`` runs this build on this machine."""
+        from fxopt.targets import runners
+
+        if self.library is not None:
+            return "in this process (TVM runtime)"
+        return " ".join([*runners.command_prefix(self.target), runners.RUNNER]) or runners.RUNNER
+
+
+def _why_not_here(target) -> str:
+    from fxopt.targets import runners
+
+    try:
+        runners.command_prefix(target)
+    except TargetError as exc:
+        return str(exc)
+    return "it ships no runner"
 
 
 def load(path: str | Path) -> Loaded:
     """Open a build directory: every file is checked against the manifest before anything runs."""
-    from fxopt.targets import get_target, tvm_backend
+    from fxopt.targets import Target, tvm_backend
 
     manifest = artifact.read_manifest(path)
     data = manifest.data
-    target = get_target(data["target"]["name"])
-    built_for = data.get("tvm_target", {}).get("mcpu")
-    if target.runs_here() and built_for:
+    target = Target.from_json(data["target"])  # the manifest carries it whole (boards are not registered)
+    library = None
+    if target.runs_here():
+        built_for = data.get("tvm_target", {}).get("mcpu")
         here = tvm_backend.resolve_target(target).get("mcpu")
-        if here != built_for:
+        if built_for and here != built_for:
             raise ArtifactError(
                 f"{manifest.path} was built for CPU '{built_for}', this machine is '{here}': its code may use "
                 "instructions this CPU lacks; rebuild it here (fxopt build ...)"
             )
-    library = tvm_backend.load(manifest.file(data["library"]), target)
+        library = tvm_backend.load(manifest.file(data["library"]), target)
     return Loaded(manifest, target, library, pytree.treespec_loads(data["output_tree"]))

@@ -1,6 +1,7 @@
 """Deployment directories: complete or absent, checked before anything runs.
 
-A build directory holds the compiled library, golden inputs and expected outputs (.npy), the
+A build directory holds the compiled library (for CPU targets also the ``fxopt-run`` runner with
+the TVM runtime, and a README on running it), golden inputs and expected outputs (.npy), the
 report (report.json) and manifest.json, which lists inputs/outputs (names, shapes, dtypes), the
 target, tool versions, the pipeline spec and the sha256 of every other file. It is written to a
 temporary sibling directory and renamed into place, so a failure leaves nothing half-written.
@@ -66,7 +67,7 @@ def write(
     manifest: dict[str, Any],
     inputs: Sequence[torch.Tensor],
     outputs: Sequence[torch.Tensor],
-    save_library: Callable[[Path], Path],
+    write_payload: Callable[[Path], list[str]],
     report: dict[str, Any],
     force: bool = False,
 ) -> Path:
@@ -79,7 +80,7 @@ def write(
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build directory is an ordinary one
     try:
-        files = [save_library(staging).name]
+        files = list(write_payload(staging))  # the library and whatever ships with it
         for entry, tensor in zip(manifest["inputs"], inputs):
             np.save(staging / entry["golden"], tensor.detach().cpu().numpy())
             files.append(entry["golden"])

@@ -145,7 +145,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     comparison = loaded.check()
     data = loaded.manifest.data
     status = "match" if comparison.ok else "MISMATCH"
-    print(f"{args.directory}: {data['model']} on {data['target']['name']}: {status} "
+    print(f"{args.directory}: {data['model']} on {data['target']['name']}, run {loaded.runs_with()}: {status} "
           f"(max abs error {comparison.max_abs_error:.3g}, relative to output scale {comparison.max_rel_error:.3g})")
     if not comparison.ok:
         print(comparison.detail)

@@ -90,7 +90,8 @@ def test_export_writes_a_complete_build_and_load_checks_it(compiled, tmp_path):
     assert manifest["outputs"][0]["shape"] == [1, 10]
     assert manifest["pipeline"] == compiled.report.pipeline and manifest["target"]["name"] == "host"
     assert {"fxopt", "torch", "tvm"} <= set(manifest["versions"])
-    assert set(manifest["files"]) == {"model.so", "input_0.npy", "expected_output_0.npy", "report.json"}
+    assert set(manifest["files"]) == {"model.so", "fxopt-run", "README.txt", "input_0.npy", "expected_output_0.npy",
+                                      "report.json"}
     loaded = fxopt.load(path)
     assert loaded.check().ok
     torch.testing.assert_close(loaded.run(X), compiled.run(X))

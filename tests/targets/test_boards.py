@@ -8,16 +8,17 @@ def test_presets_derive_from_their_family():
     a76 = get_target("cortex-a76")
     assert a76.base == "arm64" and a76.tvm["mcpu"] == "cortex-a76" and a76.toolchain == "aarch64-linux-gnu-"
     rvv = get_target("riscv64-rvv")
-    assert "+v" in rvv.tvm["mattr"] and rvv.qemu_cpu == "rv64,v=true,vlen=128" and rvv.capabilities.vector_bits == 128
+    assert "+v" in rvv.tvm["mattr"] and rvv.qemu_cpu == "rv64,v=true,vlen=128,vext_spec=v1.0" and rvv.capabilities.vector_bits == 128
     assert "+v" not in get_target("riscv64").tvm["mattr"]
     x60 = get_target("spacemit-x60")
     assert x60.capabilities.vector_bits == 256 and x60.cores == 8 and x60.base == "riscv64-rvv"
+    assert {"+v", "+zba", "+zbb"} <= set(x60.tvm["mattr"]) and "zbb=true" in x60.qemu_cpu
     assert get_target("cuda").tvm["arch"] == "sm_80" and not get_target("opencl").runs_here()
 
 
 def test_board_file(tmp_path):
     board = tmp_path / "k1.toml"
-    board.write_text('base = "riscv64-rvv"\nname = "k1"\ncores = 8\nqemu_cpu = "rv64,v=true,vlen=256"\n'
+    board.write_text('base = "riscv64-rvv"\nname = "k1"\ncores = 8\nqemu_cpu = "rv64,v=true,vlen=256,vext_spec=v1.0"\n'
                      'run_command = ["ssh", "k1"]\n[tvm]\nmcpu = "spacemit-x60"\n[capabilities]\nvector_bits = 256\n')
     target = get_target(str(board))
     assert target.name == "k1" and target.base == "riscv64-rvv" and target.tvm["mcpu"] == "spacemit-x60"

@@ -29,10 +29,11 @@ def test_cuda_build_contains_a_fatbin(tmp_path):
     path = compiled.export(tmp_path / "cuda")
     data = (path / "model.so").read_bytes()
     assert FATBIN_MAGIC in data and b"__global__" not in data  # device code compiled, not CUDA source
-    assert "check" not in compiled.report.build  # nothing ran here
+    assert compiled.report.build["check"] == {"ok": None, "skipped": "no cuda device on this machine"}
     if not compiled.target.runs_here():
-        with pytest.raises(TargetError, match="cannot be loaded on this machine"):
-            fxopt.load(path)
+        loaded = fxopt.load(path)  # the manifest checks out; running needs the GPU
+        with pytest.raises(TargetError, match="cuda build cannot run on this machine.*runs on its GPU"):
+            loaded.check()
 
 
 def test_opencl_build_is_packaged(tmp_path):
