@@ -88,9 +88,11 @@ class Report:
             build = dict(self.build)
             check = build.pop("check", None)
             lines.append("build: " + ", ".join(f"{k}={_fmt(v)}" for k, v in build.items()))
-            if check is not None:
-                lines.append(f"build check vs eager: {'ok' if check['ok'] else 'FAILED'}, max abs error "
-                             f"{check['max_abs_error']:.3g}, relative to output scale {check['max_rel_error']:.3g}")
+            if check is not None and check.get("ok") is None:
+                lines.append(f"build check vs eager: not run ({check.get('skipped', 'skipped')})")
+            elif check is not None:
+                lines.append(f"build check vs eager, run {check.get('ran', 'natively')}: {'ok' if check['ok'] else 'FAILED'}, "
+                             f"max abs error {check['max_abs_error']:.3g}, relative to output scale {check['max_rel_error']:.3g}")
         return "\n".join(lines)
 
 

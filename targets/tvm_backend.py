@@ -720,9 +720,9 @@ class CompiledLibrary:
 
             compiler = f"{self.target.toolchain}g++"
             if shutil.which(compiler) is None:
-                raise BuildError(
+                raise TargetError(
                     f"target {self.target.name!r} links with {compiler!r}, which is not on PATH; "
-                    "install the cross toolchain (e.g. the distribution's g++-<triple> package)"
+                    f"install the cross toolchain (Debian: apt-get install g++-{self.target.toolchain.rstrip('-')})"
                 )
             kwargs["fcompile"] = cc.cross_compiler(compiler)
         try:
