@@ -63,8 +63,7 @@ def optimize(
     report = Report(model=model_name(model), capture=gm.meta["fxopt"]["capture"],
                     capture_note=gm.meta["fxopt"].get("capture_note", ""), pipeline=spec.to_text(pipe.spec()))
     ctx = PassContext(example_inputs=inputs, target=resolved_target, verify=verify, reference=reference, report=report)
-    apply(pipe, gm, ctx)
-    ir.propagate_shapes(gm, inputs)
+    apply(pipe, gm, ctx)  # (shapes in node.meta stay fresh: apply re-propagates after every change)
     if verify != "off":
         verification.check_ir(gm, inputs)
         comparison = verification.check_equivalent(ctx.reference, gm, inputs)
