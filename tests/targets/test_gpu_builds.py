@@ -41,8 +41,10 @@ def test_opencl_build_is_packaged(tmp_path):
     assert b"__kernel" in (path / "model.so").read_bytes()
 
 
-def test_vulkan_needs_a_tvm_with_spirv():
+def test_vulkan_builds_or_says_the_wheel_cannot(tmp_path):
     try:
-        fxopt.compile(model(), (X,), target="vulkan")
-    except TargetError as exc:
+        compiled = fxopt.compile(model(), (X,), target="vulkan")
+    except TargetError as exc:  # apache-tvm 0.27.0.post1 ships no SPIR-V code generator
         assert "no vulkan code generator" in str(exc)
+        return
+    assert (compiled.export(tmp_path / "vk") / "model.so").stat().st_size > 0
