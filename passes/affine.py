@@ -8,6 +8,7 @@ avg_pool2d that counts padding. Each recognizer returns None for anything else.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -137,3 +138,17 @@ def replace_with_module(gm: fx.GraphModule, old: fx.Node, module: nn.Module, sou
     old.replace_all_uses_with(node)
     gm.graph.erase_node(old)
     return node
+
+
+def module_name(node: fx.Node) -> str:
+    """A base for naming a module derived from ``node``: its module's path, or the node's name."""
+    return node.target if node.op == "call_module" else node.name
+
+
+def with_weights(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of ``layer`` (conv or linear) holding new weights; the original stays untouched,
+    since it may be called elsewhere or belong to the user's model."""
+    folded = copy.deepcopy(layer)
+    folded.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+    folded.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+    return folded

@@ -3,7 +3,6 @@ linear∘linear merged."""
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass
 
@@ -12,13 +11,9 @@ from torch import fx, nn
 
 from fxopt import ir, kernels
 from fxopt.pass_manager import Pass, PassContext, register
-from fxopt.passes.affine import as_module, channel_affine, replace_with_module
+from fxopt.passes.affine import as_module, channel_affine, module_name, replace_with_module, with_weights
 
 _AFFINE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _base_name(node: fx.Node) -> str:
-    return node.target if node.op == "call_module" else node.name
 
 
 @register
@@ -79,9 +74,7 @@ class FoldAffine(Pass):
         layer, source = module
         # s ⊙ (W x + b) + t  =>  (s ⊙ W) x + (s ⊙ b + t)
         weight, bias = kernels.fold_affine_after(layer.weight, layer.bias, affine)
-        folded = copy.deepcopy(layer)
-        folded.weight, folded.bias = nn.Parameter(weight), nn.Parameter(bias)
-        replace_with_module(gm, node, folded, source, _base_name(producer) + "_scaled")
+        replace_with_module(gm, node, with_weights(layer, weight, bias), source, module_name(producer) + "_scaled")
         gm.graph.erase_node(producer)
         return True
 
@@ -111,6 +104,6 @@ class FoldAffine(Pass):
         merged = nn.Linear(n_in, n_out, dtype=first.weight.dtype)
         merged.weight = nn.Parameter((w2 @ w1).to(first.weight.dtype))
         merged.bias = nn.Parameter((w2 @ b1 + b2).to(first.weight.dtype))
-        replace_with_module(gm, node, merged, source, _base_name(node) + "_merged")
+        replace_with_module(gm, node, merged, source, module_name(node) + "_merged")
         gm.graph.erase_node(producer)
         return True

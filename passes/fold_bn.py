@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass
 
@@ -10,7 +9,7 @@ from torch import fx, nn
 
 from fxopt import ir, kernels
 from fxopt.pass_manager import Pass, PassContext, register
-from fxopt.passes.affine import as_module, channel_affine, replace_with_module
+from fxopt.passes.affine import as_module, channel_affine, module_name, replace_with_module, with_weights
 
 _AFFINE_KEYS = {"conv1d": "conv_bn", "conv2d": "conv_bn", "conv3d": "conv_bn", "linear": "linear_bn"}
 
@@ -87,15 +86,13 @@ class FoldBatchNorm(Pass):
         # BN(W x + b) => (s ⊙ W) x + (s ⊙ b + t)
         scale_shift = kernels.batch_norm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         weight, bias = kernels.fold_affine_after(affine.weight, affine.bias, scale_shift)
-        folded = copy.deepcopy(affine)
-        folded.weight = nn.Parameter(weight, requires_grad=affine.weight.requires_grad)
-        folded.bias = nn.Parameter(bias, requires_grad=affine.weight.requires_grad)
+        folded = with_weights(affine, weight, bias)
         # never edit a module in place: it may be called from elsewhere, or belong to the user
         if producer.op == "call_module" and len(ir.module_users(gm, producer.target)) == 1:
             ir.set_module(gm, producer.target, folded)
             name = producer.target
         else:
-            name = ir.add_module(gm, f"{producer.target if producer.op == 'call_module' else producer.name}_bn", folded)
+            name = ir.add_module(gm, module_name(producer) + "_bn", folded)
         with gm.graph.inserting_before(producer):
             replacement = gm.graph.call_module(name, (source,))
         replacement.meta = dict(bn_node.meta)
@@ -166,8 +163,6 @@ class FoldBatchNormBeforeConv(Pass):
             groups = layer.groups
         # conv(s ⊙ x + t) => conv(x; W ⊙ s, b + Σ W t)
         weight, bias = kernels.fold_affine_before(layer.weight, layer.bias, affine, groups)
-        folded = copy.deepcopy(layer)
-        folded.weight, folded.bias = nn.Parameter(weight), nn.Parameter(bias)
-        replace_with_module(gm, node, folded, source, (node.target if node.op == "call_module" else node.name) + "_prescaled")
+        replace_with_module(gm, node, with_weights(layer, weight, bias), source, module_name(node) + "_prescaled")
         gm.graph.erase_node(producer)
         return None

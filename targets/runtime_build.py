@@ -46,6 +46,8 @@ from typing import Iterator, Sequence
 
 from fxopt.errors import BuildError, TargetError
 
+from . import _normalize_arch, host_arch
+
 __all__ = [
     "RUNNER_NAME",
     "RuntimeBuild",
@@ -111,7 +113,6 @@ _DEFINES = (
 # Architectures whose sub-word atomics (std::atomic<bool> in thread_pool.cc) call libatomic.
 _NEEDS_LIBATOMIC = ("riscv64", "riscv32", "arm", "mips", "mipsel", "ppc")
 
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 # qemu-user binary and the Debian cross C library that -L points at, per architecture.
 _QEMU = {
     "x86_64": ("qemu-x86_64", "x86_64-linux-gnu", "libc6-amd64-cross"),
@@ -205,20 +206,11 @@ def _own_sources() -> list[Path]:
 # Toolchains
 
 
-def _normalize_arch(arch: str) -> str:
-    arch = arch.lower()
-    return _ARCH_ALIASES.get(arch, arch)
-
-
 def _triple_arch(triple: str) -> str:
     arch = _normalize_arch(triple.split("-", 1)[0])
     if arch.startswith(("armv7", "armv6", "armhf", "armel")):
         return "arm"
     return arch
-
-
-def _host_arch() -> str:
-    return _normalize_arch(os.uname().machine)
 
 
 def _debian_package(toolchain: str | None) -> str:
@@ -240,7 +232,7 @@ def _compiler(toolchain: str | None, triple: str) -> _Compiler:
     path = shutil.which(cxx)
     want = _triple_arch(triple)
     if path is None:
-        if toolchain is None and want != _host_arch():
+        if toolchain is None and want != host_arch():
             raise TargetError(
                 f"the runtime for {triple} needs a cross compiler and no toolchain was given; "
                 f"pass toolchain='{want}-linux-gnu-' (Debian package "
@@ -579,7 +571,7 @@ def qemu_command(arch: str, *, cpu: str | None = None) -> list[str]:
             "(`apt-get install qemu-user`)"
         )
     command = [Path(path).name]  # found on PATH
-    if arch != _host_arch():  # the host's own C library is where the program looks anyway
+    if arch != host_arch():  # the host's own C library is where the program looks anyway
         sysroot = Path("/usr") / gnu_triple
         if not (sysroot / "lib").is_dir():
             raise TargetError(
