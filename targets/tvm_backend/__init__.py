@@ -43,7 +43,7 @@ import torch
 
 from fxopt.errors import ArtifactError, BuildError, InputError, TargetError
 
-from . import Target, get_target
+from .. import Target, get_target
 
 if TYPE_CHECKING:  # pragma: no cover
     import tvm
@@ -594,7 +594,7 @@ class CompiledLibrary:
 
     def _check_runs_here(self) -> None:
         if not self.target.runs_here():
-            from . import host_arch
+            from .. import host_arch
 
             raise TargetError(
                 f"target {self.target.name!r} ({self.target.arch}, runner "
@@ -754,7 +754,7 @@ def load(path: Path | str, target: Target | str) -> CompiledLibrary:
     if not path.is_file():
         raise ArtifactError(f"no compiled library at {path}; build it first (fxopt build ...)")
     if not target.runs_here():
-        from . import host_arch
+        from .. import host_arch
 
         raise TargetError(
             f"{path} is built for target {target.name!r} ({target.arch}, runner "
