@@ -409,8 +409,19 @@ def _with_signature(mod, signature: dict):
 # Build
 
 
-def build(mod: "tvm.IRModule", target: Target | str) -> "CompiledLibrary":
-    """Compile a Relax IRModule for ``target`` with the target's default Relax pipeline."""
+SCHEDULES = ("default", "tvm")
+
+
+def build(mod: "tvm.IRModule", target: Target | str, *, tune=None) -> "CompiledLibrary":
+    """Compile a Relax IRModule for ``target``.
+
+    CPU targets get fxopt's pipeline (:mod:`.cpu_schedules`: NHWC with pre-packed weights, a
+    schedule for every kernel from the target's capabilities) when the target's schedule
+    strategy is ``default``, or TVM's own CPU pipeline, which schedules nothing, with ``tvm``.
+    ``tune`` (a :class:`fxopt.TuneConfig`) tunes the kernels with MetaSchedule first, keeping
+    the records in its database; kernels the database has are built with the tuned schedule,
+    the others with the default rules. GPU targets use TVM's default (dlight) pipeline.
+    """
     target = get_target(target)
     tvm = _tvm()
     from tvm import relax
@@ -420,10 +431,10 @@ def build(mod: "tvm.IRModule", target: Target | str) -> "CompiledLibrary":
             f"build() expects a Relax IRModule with a '{_ENTRY}' function (from lower()), "
             f"got {type(mod).__name__}"
         )
-    if target.schedule != "default":
+    if target.schedule not in SCHEDULES:
         raise TargetError(
             f"target {target.name!r} asks for schedule strategy {target.schedule!r}, which this "
-            "fxopt version does not have; use schedule='default'"
+            f"fxopt version does not have; use one of {', '.join(SCHEDULES)}"
         )
     resolved = resolve_target(target)
     tvm_target = tvm.target.Target(resolved)
@@ -436,10 +447,16 @@ def build(mod: "tvm.IRModule", target: Target | str) -> "CompiledLibrary":
             f"(target.build.{kind} is missing); use a TVM built with {kind} support to build for it"
         )
     signature = _signature(mod)
-    # CPU: the default Relax pipeline must be asked for, or nothing is fused; GPU targets get
-    # their own default (dlight schedules) from tvm.compile. Inside `with`: the CUDA compile
-    # callback reads the architecture from the current target.
-    pipeline = {"relax_pipeline": relax.get_default_pipeline(tvm_target)} if kind == "llvm" else {}
+    # CPU: a pipeline must be asked for, or nothing is fused; GPU targets get their own default
+    # (dlight schedules) from tvm.compile. Inside `with`: the CUDA compile callback reads the
+    # architecture from the current target.
+    if tune is not None and kind != "llvm":
+        raise TargetError(f"tuning is for CPU targets; target {target.name!r} is {kind}")
+    pipeline, tuning_log = {}, {}
+    if kind == "llvm" and target.schedule == "tvm":
+        pipeline = {"relax_pipeline": relax.get_default_pipeline(tvm_target)}
+    elif kind == "llvm":
+        pipeline = {"relax_pipeline": _cpu_pipeline(mod, target, tvm_target, tune, tuning_log)}
     try:
         with tvm_target:
             executable = tvm.compile(_with_signature(mod, signature), target=tvm_target, **pipeline)
@@ -449,7 +466,53 @@ def build(mod: "tvm.IRModule", target: Target | str) -> "CompiledLibrary":
             f"{type(exc).__name__}: {_first_line(exc)}. Run with the `--debug` flag for TVM's "
             "full trace; if an op is the cause, rewrite it in the model"
         ) from exc
-    return CompiledLibrary(executable, target, signature, resolved=resolved)
+    library = CompiledLibrary(executable, target, signature, resolved=resolved)
+    library.tuning = tuning_log or None
+    return library
+
+
+def schedule_params(target: Target):
+    """The default CPU rules' parameters for ``target``, from its capabilities."""
+    from .cpu_schedules import CpuScheduleParams
+
+    cores = target.cores
+    if cores is None and target.runs_here():
+        cores = os.cpu_count()
+    return CpuScheduleParams.from_capabilities(target.capabilities.vector_bits, target.arch, cores or 4)
+
+
+def _cpu_pipeline(mod, target: Target, tvm_target, tune, tuning_log: dict):
+    """fxopt's CPU pipeline; with ``tune``, the kernels are tuned first (MetaSchedule, records
+    kept in the database) and the database's schedules applied before the default rules.
+    ``tuning_log`` receives what tuning did (TuneSummary.to_json())."""
+    from . import cpu_schedules
+
+    params = schedule_params(target)
+    tuned = None
+    if tune is not None:
+        from . import tuning
+
+        fused = cpu_schedules.fused_module(mod, tvm_target, params)
+        summary = tuning.tune(fused, tvm_target, tune, target=target)
+
+        @tvm_module_pass("fxopt.ApplyTuningDatabase")
+        def tuned(module):
+            module, applied = tuning.apply_database(module, tvm_target, tune.database_path, target=target)
+            summary.applied = applied
+            tuning_log.update(summary.to_json())
+            return module
+
+    return cpu_schedules.relax_pipeline(tvm_target, params, tuned=tuned)
+
+
+def tvm_module_pass(name: str):
+    """A Python function ``IRModule -> IRModule`` as a TVM module pass."""
+    tvm = _tvm()
+
+    def wrap(function):
+        return tvm.transform.module_pass(lambda mod, _ctx: function(mod), opt_level=0, name=name)
+
+    return wrap
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,6 +643,7 @@ class CompiledLibrary:
         self.signature = signature
         self.resolved_target = dict(resolved) if resolved is not None else None
         self.path = path
+        self.tuning: dict | None = None  # what tuning did for this build (TuneSummary.to_json())
         self._loaded = path is not None
         self._vm = None
         self._dev = None

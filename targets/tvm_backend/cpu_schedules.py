@@ -1,0 +1,563 @@
+"""fxopt's default CPU schedules: ordered rules in the style of TVM's dlight, no tuning needed.
+
+TVM 0.27's CPU pipeline legalizes convolutions into naive single-threaded loop nests and schedules
+none of them (dlight has CPU rules for GEMV and softmax-like reductions only). These rules give
+every fused PrimFunc a schedule from the target's capabilities alone:
+
+* :class:`ConvLike` — one reduction block (conv2d dense/grouped/depthwise/pointwise, pooling,
+  mean, matmul/dense) with an elementwise epilogue. The loop nest is tiled as
+
+      parallel(outer spatial axes, W/rt, C/(lanes*cb)) · reduction axes · unroll(rt) · vector(lanes*cb)
+
+  in the data layout :func:`layout_passes` chose (NHWC activations, HWIO weights, so the output
+  channels are the contiguous innermost axis and the weights, packed once at compile time, are
+  read as whole vectors). An ``rt x (lanes*cb)`` tile of the output stays in vector registers for
+  the whole reduction; the epilogue (bias, BN, activation, residual add) is computed on that tile
+  before it is stored, so the conv's output never exists in memory unfused. Zero padding stays a
+  separate parallel copy (inlined it would put a bounds test on every input load); a pad that is
+  a plain copy (1x1 convs) is inlined.
+* :class:`Injective` — elementwise, broadcast, transpose, pad, concat functions: the blocks are
+  inlined into the last one where TVM allows, and each remaining block is flattened, vectorized
+  and parallelized.
+* dlight's CPU ``Reduction`` and ``GEMV`` rules for what they cover (softmax-like chains).
+* :class:`Fallback` — anything else: outer loops parallel, innermost loop vectorized when its
+  extent is a multiple of the vector width.
+
+The first rule that applies wins. Every rule declines (returns None) rather than fail: a PrimFunc
+no rule can schedule keeps TVM's loop nest and is still correct. Parameters come from
+:class:`CpuScheduleParams`, made from the target's capabilities (vector width, cores), never from
+target names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight
+
+logger = logging.getLogger(__name__)
+
+import os
+INLINE_PAD = os.environ.get("INLINE_PAD") == "1"
+_DATA_PAR = 0  # tirx.IterVar.DataPar
+_COMM_REDUCE = 2  # tirx.IterVar.CommReduce
+
+
+@dataclass(frozen=True)
+class CpuScheduleParams:
+    """What the default CPU rules need to know of a target.
+
+    lanes: fp32 elements per vector register (AVX-512: 16, AVX2/NEON/RVV VLEN128: 8/4/4).
+    vector_registers: architectural vector registers (AVX-512 and RVV: 32, AVX2: 16, NEON: 32),
+        which bounds the register tile of accumulators.
+    cores: worker threads the schedule is parallelized for (a hint for task granularity only).
+    """
+
+    lanes: int = 4
+    vector_registers: int = 16
+    cores: int = 1
+
+    @classmethod
+    def from_capabilities(cls, vector_bits: int, arch: str, cores: int | None) -> "CpuScheduleParams":
+        lanes = max(1, (vector_bits or 128) // 32)
+        registers = 32 if arch in ("aarch64", "riscv64") or vector_bits >= 512 else 16
+        return cls(lanes=lanes, vector_registers=registers, cores=max(1, cores or 1))
+
+
+def layout_passes() -> list:
+    """Relax passes run before legalization: NHWC activations, HWIO weights for every conv2d.
+
+    The weight transposes are folded into the constants (weights pre-packed at compile time);
+    activation transposes remain only where a layout-sensitive op without an NHWC form
+    (flatten, reshape) meets the NHWC region, normally once at the input and once before the
+    classifier. ``clip`` (ReLU6, hard-swish) has no layout rule in TVM 0.27 and would sit between
+    two transposes after every conv, so it is first rewritten as maximum/minimum, which have one.
+    """
+    return [_clip_as_min_max(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+
+
+def legalize_map(params: "CpuScheduleParams") -> dict:
+    """Custom legalizations for LegalizeOps: dense NHWC conv2d reads blocked, pre-packed weights.
+
+    TOPI's NHWC conv reads HWIO weights, where the output-channel slice a tile needs is strided
+    by the full output-channel count (2 KiB apart for 512 channels): every step of the reduction
+    touches new cache lines and the slice thrashes a few cache sets. Packed as
+    ``[Cout/B, KH, KW, Cin, B]`` with ``B`` the schedule's tile width (:func:`conv_tile`), the slice
+    is one contiguous run. The packing is a TE function of the constant weight, which
+    FoldConstant evaluates at compile time; grouped and depthwise convs keep TOPI's form (their
+    weight slice is already contiguous).
+    """
+    from tvm import te, topi
+    from tvm.relax.transform.legalize_ops import nn as legalize_nn
+
+    def packed_conv2d(bb, call):
+        attrs = call.attrs
+        data, weight = call.args
+        shapes = [_static_shape(data), _static_shape(weight)]
+        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or attrs.out_layout != "NHWC"
+                or int(attrs.groups) != 1 or None in shapes or not str(data.ty.dtype).startswith("float")):
+            return legalize_nn._nn_conv2d(bb, call)
+        (n, height, width, cin), (kh, kw, _, cout) = shapes
+        sh, sw = (int(v) for v in attrs.strides)
+        dh, dw = (int(v) for v in attrs.dilation)
+        pt, pl, pb, pr = (int(v) for v in attrs.padding)
+        out_w = (width + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        vector, count = conv_tile(cout, out_w, params)
+        block = vector * count
+        out_dtype = str(attrs.out_dtype) or str(data.ty.dtype)
+
+        def pack(w):
+            # HWIO [KH, KW, Cin, Cout] -> [Cout/B, KH, KW, Cin, B]
+            return te.compute((cout // block, kh, kw, cin, block),
+                              lambda o, y, x, i, b: w[y, x, i, o * block + b], name="weight_pack")
+
+        def conv(x, wp):
+            padded = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp") if (pt or pl or pb or pr) else x
+            out_h = (height + pt + pb - (kh - 1) * dh - 1) // sh + 1
+            ry = te.reduce_axis((0, kh), name="ry")
+            rx = te.reduce_axis((0, kw), name="rx")
+            rc = te.reduce_axis((0, cin), name="rc")
+            return te.compute(
+                (n, out_h, out_w, cout),
+                lambda b, y, x_, c: te.sum(
+                    padded[b, y * sh + ry * dh, x_ * sw + rx * dw, rc].astype(out_dtype)
+                    * wp[c // block, ry, rx, rc, c % block].astype(out_dtype),
+                    axis=[ry, rx, rc]),
+                name="conv2d_nhwc_packed")
+
+        packed = bb.emit_te(pack, weight, primfunc_name_hint="weight_pack")
+        return bb.call_te(conv, data, packed, primfunc_name_hint="conv2d")
+
+    return {"relax.nn.conv2d": packed_conv2d}
+
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    values = getattr(shape, "values", shape)
+    try:
+        return [int(d) for d in values]
+    except (TypeError, ValueError):
+        return None
+
+
+def conv_tile(channels: int, rows_extent: int, params: "CpuScheduleParams") -> tuple[int, int]:
+    """(vector, count) of the output-channel tile for an op with ``channels`` outputs per pixel
+    and ``rows_extent`` pixels along the register-tiled axis; shared by the schedule and the
+    weight packing so that both agree."""
+    accumulators = params.vector_registers - 4  # leave room for inputs and weights
+    max_width = params.lanes * (accumulators if rows_extent == 1 else 2)
+    return _vector_tile(channels, params.lanes, max_width)
+
+
+def _clip_as_min_max():
+    @relax.expr_functor.mutator
+    class ClipAsMinMax(relax.PyExprMutator):
+        # clip(x, lo, hi)  =>  minimum(maximum(x, lo), hi)  (same values, layout-agnostic ops)
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", None) != "relax.clip":
+                return call
+            x, lo, hi = call.args
+            dtype = str(x.ty.dtype)
+            if not dtype.startswith("float"):
+                return call
+            return relax.op.minimum(
+                relax.op.maximum(x, relax.const(_scalar(lo), dtype)), relax.const(_scalar(hi), dtype)
+            )
+
+    def _scalar(value) -> float:
+        while hasattr(value, "value"):  # PrimValue -> FloatImm -> float
+            value = value.value
+        return float(value)
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt.ClipAsMinMax")
+    def rewrite(mod, _ctx):
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = ClipAsMinMax().visit_expr(func)
+        return mod
+
+    return rewrite
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _root(sch: s_tir.Schedule):
+    return sch.get_sblock("root")
+
+
+def _blocks(sch: s_tir.Schedule) -> list:
+    return list(sch.get_child_blocks(_root(sch)))
+
+
+def _iter_types(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(t == _COMM_REDUCE for t in _iter_types(sch, block))
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext.value) if isinstance(ext, tirx.IntImm) else None
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _writes_function_output(sch: s_tir.Schedule, block) -> bool:
+    """True when ``block`` writes a buffer the function does not allocate (a parameter)."""
+    allocated = list(sch.get(_root(sch)).alloc_buffers)
+
+    def is_allocated(region) -> bool:
+        source = getattr(region, "buffer", None) or region.source  # TVM 0.27: a TensorRegion
+        return any(source.same_as(a) or source.same_as(getattr(a, "data", None)) for a in allocated)
+
+    return not all(is_allocated(region) for region in sch.get(block).writes)
+
+
+def _is_padding(sch: s_tir.Schedule, block) -> bool:
+    """True for a zero-padding block: its value is an if_then_else on the indices."""
+    return "if_then_else" in str(sch.get(block).body)
+
+
+def _vectorize_tail(sch: s_tir.Schedule, block, lanes: int, cores: int, parallel_min: int = 4096) -> None:
+    """Vectorize the innermost loop of ``block`` (split by ``lanes`` when it divides) and run the
+    loops outside it in parallel when there is enough work."""
+    loops = sch.get_loops(block)
+    extents = [_extent(sch, lp) for lp in loops]
+    if not loops or any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    inner = loops[-1]
+    outer = list(loops[:-1])
+    if extents[-1] % lanes == 0 and extents[-1] > lanes:
+        split_outer, inner = sch.split(inner, [None, lanes])
+        outer.append(split_outer)
+    if extents[-1] % lanes == 0 or extents[-1] < lanes:
+        sch.vectorize(inner)
+    if outer and total >= parallel_min and cores > 1:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _vector_tile(extent: int, lanes: int, max_width: int) -> tuple[int, int]:
+    """(vector, count): the output-channel tile is ``count`` vectors of ``vector`` elements.
+
+    ``vector`` is the largest power of two up to the register width that divides the extent
+    (24 channels: vectors of 8), because LLVM scalarizes odd vector lengths; ``count`` is the
+    most such vectors that divide the extent within ``max_width`` elements (many when the tile
+    has one row, as in a matmul at batch 1, so each weight row is read in long runs)."""
+    vector = min(lanes, extent & -extent)
+    count = 1
+    for k in range(max(1, max_width // vector), 0, -1):
+        if extent % (vector * k) == 0:
+            count = k
+            break
+    return vector, count
+
+
+def _uses_var(sch: s_tir.Schedule, block, var, reads: bool = True) -> list[bool]:
+    """For each read (or write) region of ``block``: whether its indices use ``var``."""
+    regions = sch.get(block).reads if reads else sch.get(block).writes
+    return [
+        any(any(v.same_as(var) for v in tirx.analysis.undefined_vars(r.min)) for r in region.region)
+        for region in regions
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# rules
+
+
+class ConvLike(dlight.ScheduleRule):
+    """One reduction block with elementwise producers/epilogue: register-tiled, vectorized,
+    parallel. See the module docstring for the loop nest."""
+
+    def __init__(self, params: CpuScheduleParams) -> None:
+        self.params = params
+
+    def apply(self, func, target, tunable):  # noqa: ARG002 - dlight's signature
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            return self._apply(s_tir.Schedule(func))
+        except Exception as exc:  # noqa: BLE001 - a rule declines, the next one tries
+            logger.debug("ConvLike declined: %s", exc)
+            return None
+
+    def _apply(self, sch: s_tir.Schedule):
+        blocks = _blocks(sch)
+        reductions = [b for b in blocks if _is_reduction(sch, b)]
+        if len(reductions) != 1:
+            return None
+        anchor = reductions[0]
+        anchor_name = sch.get(anchor).name_hint
+        types = _iter_types(sch, anchor)
+        n_spatial = 0
+        while n_spatial < len(types) and types[n_spatial] == _DATA_PAR:
+            n_spatial += 1
+        if n_spatial < 2 or any(t != _COMM_REDUCE for t in types[n_spatial:]):
+            return None  # needs spatial axes first, then reductions (TVM's legalized form)
+        loops = sch.get_loops(anchor)
+        if len(loops) != len(types) or any(_extent(sch, lp) is None for lp in loops):
+            return None
+
+        # Producers: a plain copy (a 1x1 conv's "pad") is inlined. Zero padding is inlined where
+        # every read follows the channel axis (depthwise conv, pooling: little work per input
+        # element, so a separate padded copy would cost as much as the op); before a dense conv
+        # it stays a separate copy, keeping the bounds tests out of the long reduction.
+        vector_var = sch.get(anchor).iter_vars[n_spatial - 1].var
+        reads_follow_channels = all(_uses_var(sch, anchor, vector_var))
+        index = [sch.get(b).name_hint for b in blocks].index(anchor_name)
+        for block in blocks[:index]:
+            if not _is_padding(sch, block) or (reads_follow_channels and INLINE_PAD):
+                try:
+                    sch.compute_inline(block)
+                except Exception:  # noqa: BLE001 - leave it as its own loop nest
+                    pass
+        # Epilogue: inline every elementwise block after the anchor into the last one.
+        epilogue = [b for b in _blocks(sch)]
+        names = [sch.get(b).name_hint for b in epilogue]
+        after = epilogue[names.index(anchor_name) + 1:]
+        for block in after[:-1]:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001
+                pass
+        anchor = sch.get_sblock(anchor_name)
+        if _writes_function_output(sch, anchor):
+            sch.cache_write(anchor, 0, "global")
+            anchor = sch.get_sblock(anchor_name)
+        names = [sch.get(b).name_hint for b in _blocks(sch)]
+        position = names.index(anchor_name)
+        consumers = _blocks(sch)[position + 1:]
+        before = _blocks(sch)[:position]
+
+        loops = sch.get_loops(anchor)
+        spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+        extents = [_extent(sch, lp) for lp in spatial]
+        lanes = self.params.lanes
+        vec_extent = extents[-1]
+        # Vector axis: the innermost spatial axis (NHWC: output channels) in blocks of one or
+        # two vector registers; rows: the next axis, as many as the accumulators allow.
+        rows_extent = extents[-2]
+        vector, count = conv_tile(vec_extent, rows_extent, self.params)
+        width = vector * count
+        accumulators = self.params.vector_registers - 4
+        rows = _largest_divisor(rows_extent, min(max(1, accumulators // count), 8))
+
+        c_outer, c_inner = sch.split(spatial[-1], [None, width])
+        c_count, c_vector = sch.split(c_inner, [count, vector])
+        r_outer, r_inner = sch.split(spatial[-2], [None, rows])
+        # Consecutive tasks of a thread share what is read most: the weight slice of a dense
+        # conv or matmul (channel blocks outermost), the input rows of a depthwise conv or a
+        # pooling, whose every read follows the channel axis (rows outermost).
+        if reads_follow_channels:
+            outer = list(spatial[:-2]) + [r_outer, c_outer]
+        else:
+            outer = [c_outer] + list(spatial[:-2]) + [r_outer]
+        sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
+        fused = sch.fuse(*outer)
+        sch.parallel(fused)
+        sch.unroll(r_inner)
+        sch.unroll(c_count)
+        sch.vectorize(c_vector)
+        if reduce:
+            # The accumulators start at zero in a loop nest of their own, before the reduction.
+            init = sch.decompose_reduction(anchor, reduce[0])
+            init_loops = sch.get_loops(init)
+            if len(init_loops) >= 4:
+                sch.unroll(init_loops[-3])
+                sch.unroll(init_loops[-2])
+                sch.vectorize(init_loops[-1])
+
+        for block in before:
+            if not _is_padding(sch, block):
+                continue
+            if reads_follow_channels:
+                # Each task pads just the input window its tile reads, into a small buffer
+                # that stays in L1 (no full padded copy, no bounds test in the reduction).
+                sch.compute_at(block, fused)
+            else:
+                _vectorize_tail(sch, block, lanes, self.params.cores, parallel_min=1)
+        if len(consumers) == 1:
+            epilogue_block = consumers[0]
+            try:
+                sch.reverse_compute_at(epilogue_block, fused)
+                e_loops = sch.get_loops(epilogue_block)[1:]
+                if e_loops and _extent(sch, e_loops[-1]) == width:
+                    *rest, e_count, e_vector = sch.split(e_loops[-1], [count, vector])
+                    for loop in [*e_loops[:-1], e_count]:
+                        sch.unroll(loop)
+                    sch.vectorize(e_vector)
+            except Exception as exc:  # noqa: BLE001 - keep the epilogue as its own loop nest
+                logger.debug("epilogue of %s not fused: %s", anchor_name, exc)
+                _vectorize_tail(sch, epilogue_block, lanes, self.params.cores)
+        else:
+            for block in consumers:
+                _vectorize_tail(sch, block, lanes, self.params.cores)
+        return sch
+
+
+class Injective(dlight.ScheduleRule):
+    """Functions of elementwise/injective blocks only: inline into the last, then vectorize and
+    parallelize each block left."""
+
+    def __init__(self, params: CpuScheduleParams) -> None:
+        self.params = params
+
+    def apply(self, func, target, tunable):  # noqa: ARG002
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            blocks = _blocks(sch)
+            if not blocks or any(_is_reduction(sch, b) for b in blocks):
+                return None
+            for block in blocks[:-1]:
+                try:
+                    sch.compute_inline(block)
+                except Exception:  # noqa: BLE001
+                    pass
+            for block in _blocks(sch):
+                _vectorize_tail(sch, block, self.params.lanes, self.params.cores)
+            return sch
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("Injective declined: %s", exc)
+            return None
+
+
+class Fallback(dlight.ScheduleRule):
+    """Any function: the outermost loop of each block parallel, the innermost vectorized when
+    its extent is a multiple of the vector width."""
+
+    def __init__(self, params: CpuScheduleParams) -> None:
+        self.params = params
+
+    def apply(self, func, target, tunable):  # noqa: ARG002
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            for block in _blocks(sch):
+                loops = sch.get_loops(block)
+                if not loops:
+                    continue
+                types = _iter_types(sch, block)
+                if types and types[0] == _DATA_PAR and len(loops) == len(types) and self.params.cores > 1:
+                    sch.parallel(loops[0])
+            return sch
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("Fallback declined: %s", exc)
+            return None
+
+
+def rules(params: CpuScheduleParams) -> list:
+    """The ordered rule list: first that applies wins, fallback last."""
+    return [
+        ConvLike(params),
+        Injective(params),
+        dlight.cpu.Reduction(),
+        dlight.cpu.GEMV(),
+        Fallback(params),
+    ]
+
+
+SCHEDULE_ATTR = "fxopt.schedule_rule"
+
+
+def default_schedule_pass(params: CpuScheduleParams):
+    """A module pass giving every PrimFunc not yet scheduled (e.g. by a tuning database) the
+    schedule of the first rule of :func:`rules` that applies; the rule's name is kept in the
+    function's ``fxopt.schedule_rule`` attribute (what the tests and reports read)."""
+    ordered = rules(params)
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt.DefaultCpuSchedules")
+    def apply(mod, _ctx):
+        updated = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            target = func.attrs.get("target") if func.attrs else None
+            target = target or tvm.target.Target.current(allow_none=False)
+            for rule in ordered:
+                sch = rule.apply(func, target, False)
+                if isinstance(sch, list):
+                    sch = sch[0] if sch else None
+                if sch is not None:
+                    updated[gvar] = sch.mod["main"].with_attrs(
+                        {"tirx.is_scheduled": True, SCHEDULE_ATTR: type(rule).__name__})
+                    break
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod
+
+    return apply
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
+
+
+def relax_pipeline(target, params: CpuScheduleParams, tuned=None):
+    """TVM's CPU pipeline with fxopt's layout, legalization and default schedules.
+
+    dispatch -> layout (NHWC/HWIO, clip as min/max) -> legalize (packed dense convs) -> fold
+    constants (the weight packing runs here, once) -> fuse -> ``tuned`` (a pass applying tuned
+    schedules, optional) -> default rules for every PrimFunc still unscheduled -> VM lowering.
+    """
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt.CpuPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            passes = (
+                cpu.library_dispatch_passes(target)
+                + layout_passes()
+                + [
+                    relax.transform.LegalizeOps(customize_legalize_map=legalize_map(params)),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                ]
+                + ([tuned] if tuned is not None else [])
+                + [default_schedule_pass(params)]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def fused_module(mod, target, params: CpuScheduleParams):
+    """The module as the schedules see it (fused PrimFuncs, none scheduled): for tuning and for
+    inspecting what the rules get."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    with target:
+        return tvm.transform.Sequential(
+            cpu.library_dispatch_passes(target)
+            + layout_passes()
+            + [
+                relax.transform.LegalizeOps(customize_legalize_map=legalize_map(params)),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)

@@ -1,0 +1,164 @@
+"""fxopt's default CPU schedules (targets/tvm_backend/cpu_schedules.py): every kernel of the op zoo
+gets a rule's schedule, parallel and vectorized, and the builds match eager PyTorch on the host
+and, in the cross tier, on arm64 / riscv64 / riscv64-rvv under qemu."""
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.errors import TargetError
+from fxopt.targets import get_target
+from fxopt.targets import tvm_backend as tb
+from fxopt.targets.tvm_backend import cpu_schedules as cs
+from fxopt.testing import randomize_norm_stats
+
+
+class OpZoo(nn.Module):
+    """Every op shape the rules must handle: dense convs (3x3, strided, dilated, 5x5 on an odd
+    size, channel counts that are not multiples of the vector width), depthwise, grouped and
+    pointwise convs, BN, ReLU/ReLU6/hard-swish, residual add, max/avg pooling, channel shuffle,
+    concatenation, softmax, global pooling and linear heads, one conv without bias at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(24, 24, 3, 1, 1, groups=24), nn.BatchNorm2d(24), nn.Hardswish())
+        self.pw = nn.Conv2d(24, 40, 1, bias=False)
+        self.grouped = nn.Conv2d(40, 40, 3, 1, 1, groups=2)
+        self.dilated = nn.Conv2d(40, 40, 3, 1, 2, dilation=2)
+        self.big = nn.Conv2d(40, 36, 5, 2, 2)
+        self.side = nn.Conv2d(40, 12, 1)
+        self.head = nn.Conv2d(48, 37, 1, bias=False)
+        self.fc = nn.Linear(37, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.dw(self.down(x))
+        x = self.pw(x)
+        x = x + torch.relu(self.grouped(x))
+        x = self.dilated(x)
+        n, c, h, w = x.shape
+        x = x.reshape(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
+        y = self.big(x)
+        z = F.max_pool2d(self.side(x), 3, 2, 1)
+        x = torch.cat([y, z], 1)
+        x = F.avg_pool2d(x, 2, ceil_mode=True)
+        x = self.head(x)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(pooled), torch.softmax(pooled, dim=1)
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    torch.manual_seed(0)
+    return randomize_norm_stats(OpZoo(), seed=3).eval()
+
+
+def _scheduled(model, x, target_name):
+    target = get_target(target_name)
+    tvm_target = __import__("tvm").target.Target(tb.resolve_target(target))
+    params = tb.schedule_params(target)
+    with tvm_target:
+        fused = cs.fused_module(tb.lower(model, (x,)), tvm_target, params)
+        return params, cs.default_schedule_pass(params)(fused)
+
+
+def _prim_funcs(mod):
+    import tvm
+
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("target_name", ["host", "arm64", "riscv64", "riscv64-rvv"])
+def test_every_kernel_gets_a_rule_and_convs_are_parallel_and_vectorized(zoo, target_name):
+    params, mod = _scheduled(zoo, torch.randn(1, 3, 33, 33), target_name)
+    funcs = _prim_funcs(mod)
+    rules = collections.Counter(str(f.attrs[cs.SCHEDULE_ATTR]) for f in funcs.values())
+    assert sum(rules.values()) == len(funcs), f"unscheduled kernels: {rules}"
+    convs = {name: f for name, f in funcs.items() if "conv2d" in name}
+    assert len(convs) >= 8
+    for name, func in convs.items():
+        assert str(func.attrs[cs.SCHEDULE_ATTR]) == "ConvLike", name
+        text = func.script()
+        assert "T.parallel" in text and "T.vectorized" in text, name
+    assert "Fallback" not in rules, rules
+    # Parameters come from capabilities: AVX-512 or 128-bit NEON/RVV lanes, never target names.
+    expected_lanes = {"arm64": 4, "riscv64-rvv": 4, "riscv64": 4}.get(target_name)
+    if expected_lanes:
+        assert params.lanes == expected_lanes
+
+
+def test_dense_convs_read_prepacked_weights(zoo):
+    """Dense convs get a packed [Cout/B, KH, KW, Cin, B] weight, computed at compile time: no
+    packing kernel is left in the module, and depthwise/grouped convs keep TOPI's form."""
+    _, mod = _scheduled(zoo, torch.randn(1, 3, 33, 33), "host")
+    funcs = _prim_funcs(mod)
+    assert not [name for name in funcs if "weight_pack" in name]
+    packed = [name for name, f in funcs.items() if "conv2d_nhwc_packed" in f.script()]
+    grouped = [name for name, f in funcs.items() if "group_conv2d_nhwc" in f.script()]
+    assert len(packed) >= 6 and len(grouped) == 2
+
+
+@pytest.mark.parametrize("size", [33, 40])
+def test_host_build_matches_eager(zoo, size):
+    x = torch.randn(1, 3, size, size)
+    lib = tb.build(tb.lower(zoo, (x,)), "host")
+    got = lib.run(x)
+    with torch.no_grad():
+        expected = zoo(x)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
+def test_tvm_strategy_still_available(zoo):
+    """schedule="tvm" is TVM's own CPU pipeline (nothing scheduled): same results, as a baseline."""
+    x = torch.randn(1, 3, 17, 17)
+    target = get_target("host").derive("host-tvm-schedules", "host with TVM's own CPU pipeline", schedule="tvm")
+    got = tb.build(tb.lower(zoo, (x,)), target).run(x)
+    with torch.no_grad():
+        expected = zoo(x)
+    torch.testing.assert_close(torch.from_numpy(got[0]), expected[0], rtol=1e-4, atol=1e-4 * float(expected[0].abs().max()))
+
+
+def test_unknown_strategy_is_refused():
+    target = get_target("host").derive("host-bad", "unknown strategy", schedule="autotvm")
+    with pytest.raises(TargetError, match="schedule strategy 'autotvm'.*default, tvm"):
+        tb.build(tb.lower(nn.Conv2d(3, 4, 1).eval(), (torch.randn(1, 3, 4, 4),)), target)
+
+
+@pytest.mark.parametrize(
+    "extent, lanes, max_width, expected",
+    [
+        (64, 16, 32, (16, 2)),  # two whole AVX-512 vectors
+        (24, 16, 32, (8, 3)),  # odd vector lengths are scalarized by LLVM: three of 8
+        (1000, 16, 448, (8, 25)),  # a batch-1 matmul row: long runs of whole sub-vectors
+        (116, 16, 32, (4, 1)),  # ShuffleNet's 116 channels: only 4 divides (see the closing note)
+        (3, 4, 8, (1, 3)),
+    ],
+)
+def test_vector_tile(extent, lanes, max_width, expected):
+    assert cs._vector_tile(extent, lanes, max_width) == expected
+
+
+def test_params_from_capabilities_not_names():
+    avx512 = cs.CpuScheduleParams.from_capabilities(512, "x86_64", 2)
+    neon = cs.CpuScheduleParams.from_capabilities(128, "aarch64", 4)
+    scalar = cs.CpuScheduleParams.from_capabilities(0, "riscv64", None)
+    assert (avx512.lanes, avx512.vector_registers) == (16, 32)
+    assert (neon.lanes, neon.vector_registers) == (4, 32)
+    assert scalar.lanes == 4 and scalar.cores == 1  # no vectors: 4-wide unrolling
+
+
+@pytest.mark.cross
+@pytest.mark.parametrize("target_name", ["arm64", "riscv64", "riscv64-rvv"])
+def test_cross_builds_match_eager_under_qemu(zoo, target_name):
+    """fxopt.compile checks a cross build under qemu-user against eager and raises on mismatch."""
+    compiled = fxopt.compile(zoo, (torch.randn(1, 3, 33, 33),), target=target_name)
+    assert compiled.report.build["target"] == target_name
+    assert np.isfinite(compiled.expected_outputs[0].numpy()).all()
