@@ -24,10 +24,14 @@ demo: $(STAMP)
 	$(BIN)/fxopt build fxopt.examples:small_cnn --input-shape 1x3x64x64 -o $(DEMO) --force
 	$(BIN)/fxopt check $(DEMO)
 
-# The cross test tier builds for AArch64 and RISC-V and runs the builds under qemu-user.
-CROSS_DEBS := g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user
+# The cross test tier builds for AArch64 and RISC-V and runs the builds under qemu-user; the
+# host g++ also builds fxopt's instruction-counting qemu plugin (targets/runtime/
+# qemu_insn_plugin.cc declares the plugin API itself: no qemu headers or deb-src needed).
+# qemu-user, not qemu-user-static: a static qemu cannot load plugins.
+CROSS_DEBS := g++ g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user
 cross-deps:
-	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v riscv64-linux-gnu-g++ >/dev/null \
+	@command -v g++ >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null \
+	  && command -v riscv64-linux-gnu-g++ >/dev/null \
 	  && command -v qemu-riscv64 >/dev/null && command -v qemu-aarch64 >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CROSS_DEBS) >/dev/null; }
 

@@ -43,3 +43,8 @@ class ArtifactError(FxoptError):
 
 class VerificationError(FxoptError):
     """A transformed or compiled model does not match its reference."""
+
+
+class MeasureError(FxoptError):
+    """A latency or instruction-count measurement that could not be made (a device farm that
+    does not answer, a device lost for every retry, a backend the target cannot use)."""

@@ -1,10 +1,13 @@
 """Running a build with its target's runner: the C++ ``fxopt-run`` program, natively, under
 qemu-user, or through a board's ``run_command``. Used where the TVM runtime in this Python
 process cannot run the build (another architecture), and shipped in every CPU build directory.
+``count_instructions`` runs it under qemu-user with fxopt's counting plugin (fxopt.measure's
+``qemu-insn`` backend).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,7 +20,7 @@ import numpy as np
 from fxopt.errors import BuildError, TargetError
 
 from . import Target, host_arch
-from .runtime_build import RuntimeBuild, build_runtime, qemu_command
+from .runtime_build import RuntimeBuild, build_insn_plugin, build_runtime, qemu_command
 
 RUNNER = "fxopt-run"
 _TIMEOUT_S = 900  # a hung emulated run must not hang a build
@@ -80,6 +83,66 @@ def run(target: Target, runner: Path, library: Path, inputs: Sequence[np.ndarray
             raise _failure(command, proc)
         outputs = sorted(scratch.glob("output_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
         return [np.load(p) for p in outputs]
+
+
+def count_instructions(target: Target, runner: Path, library: Path, inputs: Sequence[np.ndarray], *,
+                       repeat: int, warmup: int = 0, plugin: Path | None = None) -> tuple[list[int], int]:
+    """Guest instructions of each of ``repeat`` runs of ``library`` under qemu-user, and of the
+    whole process: (per-run counts, total).
+
+    The runner brackets each timed run with marker system calls and the plugin counts between
+    them (see runtime/qemu_insn_plugin.cc), so start-up, file reading and loading are not in
+    the per-run counts. The first run and ``warmup`` more are not counted. ``TVM_NUM_THREADS=1``:
+    with more threads the pool's spin-waits make the count vary from run to run.
+    """
+    if target.tvm.get("kind") != "llvm":
+        raise TargetError(f"instruction counts need a CPU build; target {target.name!r} is for "
+                          f"{target.tvm.get('kind')}")
+    plugin = plugin or build_insn_plugin()
+    qemu = qemu_command(target.arch, cpu=target.qemu_cpu)
+    with tempfile.TemporaryDirectory(prefix="fxopt-insn-") as scratch:
+        scratch = Path(scratch)
+        counts_file = scratch / "counts.txt"
+        command = [*qemu, "-plugin", f"file={plugin},out={counts_file}", str(runner), str(library)]
+        for i, array in enumerate(inputs):
+            np.save(scratch / f"input_{i}.npy", np.ascontiguousarray(array))
+            command += ["--input", str(scratch / f"input_{i}.npy")]
+        command += ["--output-dir", str(scratch / "out"), "--warmup", str(warmup), "--repeat", str(repeat)]
+        env = {**os.environ, "TVM_NUM_THREADS": "1"}
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S, env=env)
+        except subprocess.TimeoutExpired as exc:
+            raise BuildError(f"`{' '.join(command[:4])} ...` did not finish in {_TIMEOUT_S} s") from exc
+        plugin_lines = [ln for ln in proc.stderr.splitlines() if "plugin" in ln.lower()]
+        if proc.returncode != 0 and plugin_lines:
+            raise TargetError(f"{qemu[0]} cannot load fxopt's counting plugin: {plugin_lines[0]}. The plugin "
+                              "is written for qemu's plugin API version 1 (qemu 7.2 to 8.x) and needs a "
+                              "dynamically linked qemu-user (Debian package qemu-user, not qemu-user-static)")
+        if proc.returncode != 0:
+            raise _failure(command, proc)
+        try:
+            text = counts_file.read_text()
+        except OSError as exc:
+            raise BuildError(f"the counting plugin wrote no counts ({counts_file}: {exc.strerror}); "
+                             f"qemu said: {proc.stderr.strip()[-300:] or 'nothing'}") from exc
+    return _parse_counts(text, repeat)
+
+
+def _parse_counts(text: str, repeat: int) -> tuple[list[int], int]:
+    lines = text.split("\n")
+    try:
+        if lines[0] != "fxopt-insn-count 1":
+            raise ValueError(f"unknown header {lines[0]!r}")
+        total = int(lines[1].removeprefix("total "))
+        n = int(lines[2].removeprefix("intervals "))
+        counts = [int(line) for line in lines[3:3 + n]]
+    except (IndexError, ValueError) as exc:
+        raise BuildError(f"the counting plugin's output is not readable ({exc}): {text[:200]!r}") from None
+    errors = [line for line in lines[3 + n:] if line.startswith("error")]
+    if errors or len(counts) != repeat:
+        raise BuildError(f"the counting plugin saw {len(counts)} marked runs, expected {repeat}"
+                         + (f" ({errors[0]})" if errors else "; is the runner older than the plugin?"))
+    return counts, total
 
 
 _CHECK_LINE = re.compile(r"check output_(\d+): max abs error (\S+), max error / output scale ([^:\s]+)")

@@ -2,6 +2,7 @@
 
     build_runtime(toolchain, triple)   compile runtime + runner (or reuse the cached build)
     qemu_command(arch, cpu=...)        the qemu-user command line that runs a foreign binary
+    build_insn_plugin()                qemu-user plugin that counts the runner's instructions
 
 A build directory for a CPU target needs, beside the model library, a program that loads it and
 runs the Relax VM on that machine. The apache-tvm and apache-tvm-ffi wheels ship the C++ sources
@@ -52,15 +53,18 @@ __all__ = [
     "RUNNER_NAME",
     "RuntimeBuild",
     "RuntimeSources",
+    "build_insn_plugin",
     "build_runtime",
     "qemu_command",
     "runtime_sources",
+    "sources_digest",
 ]
 
 RUNNER_NAME = "fxopt-run"
 
 _HERE = Path(__file__).resolve().parent / "runtime"
 _RUNNER_SOURCE = _HERE / "fxopt_run.cc"
+_PLUGIN_SOURCE = _HERE / "qemu_insn_plugin.cc"
 _FORMAT = 2  # bump when the layout of a cached build changes
 
 # tvm-ffi: objects, functions, errors, tensors, JSON, and module loading (dlopen, system-lib).
@@ -199,7 +203,9 @@ def runtime_sources() -> RuntimeSources:
 
 
 def _own_sources() -> list[Path]:
-    return sorted(p for p in _HERE.rglob("*") if p.is_file() and p.suffix in (".cc", ".h"))
+    """fxopt's C++ files compiled into the runner (the qemu plugin is built on its own)."""
+    return sorted(p for p in _HERE.rglob("*")
+                  if p.is_file() and p.suffix in (".cc", ".h") and p != _PLUGIN_SOURCE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,3 +588,60 @@ def qemu_command(arch: str, *, cpu: str | None = None) -> list[str]:
     if cpu:
         command += ["-cpu", cpu]
     return command
+
+
+# --------------------------------------------------------------------------------------------
+# The instruction-counting qemu plugin
+
+_PLUGIN_NAME = "libfxopt_insn.so"
+_PLUGIN_FLAGS = ("-std=c++17", "-O2", "-g0", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
+
+
+def sources_digest() -> str:
+    """sha256 of fxopt's runner and plugin sources (for keys of results they shape)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in _HERE.rglob("*") if p.is_file() and p.suffix in (".cc", ".h")):
+        digest.update(str(path.relative_to(_HERE)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def build_insn_plugin(*, cache_dir: Path | None = None) -> Path:
+    """The qemu-user plugin ``runtime/qemu_insn_plugin.cc``, built for this machine (the one
+    qemu runs on) with the host's ``g++`` and cached, like the runner, under
+    ``~/.cache/fxopt/qemu-plugin/<key>/`` (``cache_dir`` instead when given); the key hashes
+    the source, the flags and the compiler version. The source declares the few plugin-API
+    functions it uses itself, so no qemu header or source package is needed. Builds in about
+    a second. Raises TargetError when there is no host C++ compiler, BuildError when it fails.
+    """
+    compiler = _compiler(None, f"{host_arch()}-linux-gnu")
+    source = _PLUGIN_SOURCE.read_bytes()
+    inputs = {"format": 1, "compiler": compiler.version, "flags": list(_PLUGIN_FLAGS),
+              "source": hashlib.sha256(source).hexdigest()}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    if cache_dir is not None:
+        root = Path(cache_dir).expanduser()
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fxopt" / "qemu-plugin"
+    final = root / key / _PLUGIN_NAME
+    if final.is_file():
+        return final
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create the plugin cache directory {final.parent}: {exc}") from exc
+    # A private temporary name, then an atomic rename: concurrent builds never see half a file.
+    tmp = final.parent / f".tmp-{os.getpid()}-{_PLUGIN_NAME}"
+    command = [compiler.path, *_PLUGIN_FLAGS, "-o", str(tmp), str(_PLUGIN_SOURCE)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"building the qemu plugin failed: `{' '.join(command)}`: {exc}") from exc
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"building the qemu plugin failed: {_first_error(proc.stderr + proc.stdout)} "
+                         f"(command: {' '.join(command)})")
+    (final.parent / "build.json").write_text(json.dumps({"key": key, "inputs": inputs}, indent=2) + "\n")
+    os.replace(tmp, final)
+    return final
+

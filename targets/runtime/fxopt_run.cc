@@ -1,12 +1,13 @@
 /*
  * fxopt-run: run a model library built by fxopt (TVM Relax VM) on this machine.
  *
- *   fxopt-run MODEL.so --input a.npy [--input b.npy ...] [--output-dir DIR] [--repeat N]
+ *   fxopt-run MODEL.so --input a.npy [--input b.npy ...] [--output-dir DIR] [--warmup W] [--repeat N]
  *   fxopt-run MODEL.so --check BUILD_DIR [--rtol R] [--atol A] [--output-dir DIR] [--repeat N]
  *
  * It loads MODEL.so (vm_load_executable, vm_initialization on the CPU, then `main`), reads the
  * inputs from .npy files, runs main once and writes each output as output_<i>.npy (outputs of a
- * nested tuple are numbered depth-first). --repeat N then times N more runs. --check reads
+ * nested tuple are numbered depth-first). --warmup W then runs W more times untimed, and
+ * --repeat N times N more runs. --check reads
  * BUILD_DIR/input_<i>.npy as the inputs and compares the outputs with
  * BUILD_DIR/expected_output_<i>.npy: |a - e| <= atol * max|e| + rtol * |e| for floats, equality
  * for integers and bools.
@@ -18,6 +19,11 @@
  * The runtime is linked into this executable and its C API (TVM*) is exported, so the model
  * library binds to it when it is dlopen'ed: a build directory needs this file and the model
  * only.
+ *
+ * Each timed run is bracketed by two marker system calls, syscall(kMarkSyscall, 1) before and
+ * syscall(kMarkSyscall, 2) after: fxopt's qemu-user plugin (qemu_insn_plugin.cc) counts the
+ * instructions between them, so an instruction count covers model execution only. Anywhere
+ * else the number is an unknown system call that returns ENOSYS and does nothing.
  */
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
@@ -61,6 +67,16 @@ namespace ffi = tvm::ffi;
 constexpr int kExitOk = 0;
 constexpr int kExitMismatch = 1;
 constexpr int kExitError = 2;
+
+// The marker system call of the instruction-counting plugin (qemu_insn_plugin.cc: kDefaultMark).
+// No Linux architecture has a system call of that number.
+constexpr long kMarkSyscall = 0x5F0C;
+constexpr long kMarkOpen = 1, kMarkClose = 2;
+
+inline void Mark(long what) {
+  long ignored = ::syscall(kMarkSyscall, what);  // -1/ENOSYS outside the plugin
+  (void)ignored;
+}
 
 /*! \brief Any failure that ends the run with exit status 2; the message is one line. */
 struct Failure : std::runtime_error {
@@ -707,7 +723,8 @@ void CheckInputs(const std::vector<InputSpec>& specs, const std::vector<HostArra
 // Command line
 
 const char kUsage[] =
-    "usage: fxopt-run MODEL.so --input A.npy [--input B.npy ...] [--output-dir DIR] [--repeat N]\n"
+    "usage: fxopt-run MODEL.so --input A.npy [--input B.npy ...] [--output-dir DIR] [--warmup W]\n"
+    "                 [--repeat N]\n"
     "       fxopt-run MODEL.so --check BUILD_DIR [--rtol R] [--atol A] [--output-dir DIR] "
     "[--repeat N]\n"
     "\n"
@@ -715,7 +732,8 @@ const char kUsage[] =
     "  --input FILE       an input, in the order of the model's parameters (repeat it)\n"
     "  --output-dir DIR   write the outputs there as output_0.npy, output_1.npy ...\n"
     "                     (default: the current directory; with --check: not written)\n"
-    "  --repeat N         after the first run, time N more runs; print median and min\n"
+    "  --warmup W         after the first run, run W more times untimed\n"
+    "  --repeat N         then time N more runs; print median and min\n"
     "  --check BUILD_DIR  inputs BUILD_DIR/input_<i>.npy; compare the outputs with\n"
     "                     BUILD_DIR/expected_output_<i>.npy: |a-e| <= atol*max|e| + rtol*|e|\n"
     "  --rtol R, --atol A tolerances of --check (default 1e-4 each)\n"
@@ -728,6 +746,7 @@ struct Options {
   bool output_dir_given = false;
   std::string check_dir;
   int repeat = 0;
+  int warmup = 0;
   double rtol = 1e-4;
   double atol = 1e-4;
 };
@@ -767,13 +786,13 @@ Options ParseArgs(int argc, char** argv) {
       opt.output_dir_given = true;
     } else if (arg == "--check") {
       opt.check_dir = take();
-    } else if (arg == "--repeat") {
-      std::string text = take();
-      double v = ParseNumber("--repeat", text);
+    } else if (arg == "--repeat" || arg == "--warmup") {
+      std::string option = arg, text = take();
+      double v = ParseNumber(option, text);
       if (v != std::floor(v) || v > 1e9) {
-        throw Failure("--repeat needs a count, got '" + text + "'");
+        throw Failure(option + " needs a count, got '" + text + "'");
       }
-      opt.repeat = static_cast<int>(v);
+      (option == "--repeat" ? opt.repeat : opt.warmup) = static_cast<int>(v);
     } else if (arg == "--rtol") {
       opt.rtol = ParseNumber("--rtol", take());
     } else if (arg == "--atol") {
@@ -898,10 +917,14 @@ int Run(const Options& opt) {
   Flatten(result, &outputs);
   result = ffi::Any();
 
+  for (int i = 0; i < opt.warmup; ++i) call();
   std::vector<double> times;
   for (int i = 0; i < opt.repeat; ++i) {
+    ffi::Any rv;
     auto a = std::chrono::steady_clock::now();
-    ffi::Any rv = call();
+    Mark(kMarkOpen);
+    rv = call();
+    Mark(kMarkClose);
     auto b = std::chrono::steady_clock::now();
     times.push_back(Ms(a, b));
   }

@@ -1,0 +1,111 @@
+"""What :mod:`fxopt.measure` needs from TVM besides RPC: the identity of a lowered workload,
+and timing on this machine with a fixed number of threads.
+
+Why a workload digest of its own: a Relax module's script text names its constants
+(``metadata["ir.GenericConst"][3]``) but does not show their values, and a measurement depends
+on them where kernels specialise on the weights (sparse kernels on the zero pattern). The
+digest is the script text plus every constant's dtype, shape and bytes, in the order the
+module uses them (about 50 ms for MobileNetV2's 14 MB of weights).
+
+Why timing runs in a thread of its own: TVM's CPU thread pool is per calling thread and takes
+its size from ``TVM_NUM_THREADS`` (else half the hardware threads on x86) when it is first used;
+``runtime.config_threadpool`` can shrink an existing pool but not grow it, and it binds the
+calling thread to a core. A fresh thread gets a fresh pool of exactly the requested size, bound
+to the cores this process may use, and takes the binding with it when it ends; the caller's
+threads are left as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any, Sequence
+
+from fxopt.errors import BuildError, FxoptError
+
+from . import CompiledLibrary, _tvm
+
+__all__ = ["workload_digest", "time_local", "allowed_cpus"]
+
+# TVM's ThreadGroup::AffinityMode values.
+_BIG_CORES = 1
+_ONE_CORE_PER_THREAD = -2
+_SHARE_ALL_CORES = -3
+
+
+def workload_digest(mod) -> str:
+    """sha256 of a Relax module's script text and of its constants (dtype, shape, bytes)."""
+    tvm = _tvm()
+    from tvm import relax
+
+    digest = hashlib.sha256(mod.script().encode())
+
+    def visit(expr) -> None:
+        if isinstance(expr, tvm.ir.Constant):
+            value = getattr(expr, "value", None)
+            if hasattr(value, "numpy"):
+                array = value.numpy()
+                digest.update(f"\0{array.dtype}{array.shape}\0".encode())
+                digest.update(array.tobytes())
+
+    for _, func in sorted(mod.functions_items(), key=lambda item: item[0].name_hint):
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return digest.hexdigest()
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (not those the calling thread happens to be bound to:
+    TVM binds a thread to one core when its thread pool starts)."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            result.extend(sorted(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            result.extend(range(os.cpu_count() or 1))
+
+    thread = threading.Thread(target=probe, name="fxopt-cpus")
+    thread.start()
+    thread.join()
+    return result
+
+
+def time_local(lib: CompiledLibrary, inputs: Sequence[Any], *, repeat: int, number: int,
+               warmup: int, threads: int) -> list[float]:
+    """Seconds per run of ``lib`` on this machine with ``threads`` pool threads: ``warmup`` runs
+    discarded, then ``repeat`` samples, each the mean of ``number`` runs."""
+    tvm = _tvm()
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            cpus = sorted(os.sched_getaffinity(0))
+            if threads <= len(cpus):  # one core per thread
+                configure(_ONE_CORE_PER_THREAD, threads, [str(c) for c in cpus[:threads]])
+            else:  # more threads than cores: they share them all
+                configure(_SHARE_ALL_CORES, threads, [str(c) for c in cpus])
+            if warmup:
+                lib.time(*inputs, repeat=warmup, number=1)
+            outcome["samples"] = lib.time(*inputs, repeat=repeat, number=number)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+        finally:
+            try:
+                configure(_BIG_CORES, 0)  # later pools of other threads: TVM's default size again
+            except Exception:  # noqa: BLE001
+                pass
+
+    thread = threading.Thread(target=work, name="fxopt-measure")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, FxoptError) or not isinstance(error, Exception):
+            raise error
+        raise BuildError(f"timing the compiled model on this machine failed: {error}") from error
+    return outcome["samples"]
