@@ -11,7 +11,6 @@ runtime into an empty cache to time it. Never imported by tests.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import subprocess
@@ -21,15 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
-
-MODULES = {"mobilenetv2_wd4": "pytorchcv.models.mobilenetv2", "mobilenetv2_w1": "pytorchcv.models.mobilenetv2",
-           "shufflenetv2_w1": "pytorchcv.models.shufflenetv2", "resnet18": "pytorchcv.models.resnet"}
+from common import PYTORCHCV_MODULES, build_model, print_table  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mobilenetv2_wd4", choices=sorted(MODULES))
+    parser.add_argument("--model", default="mobilenetv2_wd4", choices=sorted(PYTORCHCV_MODULES))
     parser.add_argument("--targets", default="host,arm64,riscv64,riscv64-rvv")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--fresh-runtime", action="store_true")
@@ -44,7 +40,7 @@ def main() -> int:
     from fxopt.targets import get_target, runners
 
     torch.manual_seed(0)
-    model = getattr(importlib.import_module(MODULES[args.model]), args.model)().eval()
+    model = build_model(args.model)
     x = torch.randn(1, 3, 224, 224)
     rows = [["target", "runtime build s", "compile s", "export s", "runner", "first run ms", "median ms", "check"]]
     for name in args.targets.split(","):

@@ -15,22 +15,15 @@ relative to max |eager output|. When onnxruntime is importable, an ONNX Runtime 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_ms, ort_ms, print_table  # noqa: E402
+from common import build_model, median_ms, ort_ms, print_table  # noqa: E402
 
 DEFAULT_MODELS = "mobilenetv2_w1,shufflenetv2_w1,ghostnet,resnet18"
-_MODULES = {  # model name -> pytorchcv module defining it
-    "mobilenetv2_w1": "pytorchcv.models.mobilenetv2",
-    "shufflenetv2_w1": "pytorchcv.models.shufflenetv2",
-    "ghostnet": "pytorchcv.models.ghostnet",
-    "resnet18": "pytorchcv.models.resnet",
-}
 
 
 def _parse() -> argparse.Namespace:
@@ -42,15 +35,6 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime even if importable")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p.parse_args()
-
-
-def _model(name: str):
-    module = importlib.import_module(_MODULES.get(name, "pytorchcv.models.model_store"))
-    if not hasattr(module, name):  # any other pytorchcv name
-        from pytorchcv.model_provider import get_model
-
-        return get_model(name, pretrained=False).eval()
-    return getattr(module, name)().eval()
 
 
 def main() -> int:
@@ -89,7 +73,7 @@ def main() -> int:
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         torch.manual_seed(0)
-        model = _model(name)
+        model = build_model(name)
         x = torch.randn(1, 3, args.size, args.size)
         with torch.no_grad():
             ref = model(x)

@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms, ort_ms, print_table  # noqa: E402
+from common import median_ms, ort_ms, print_table, reparam_models  # noqa: E402
 
 
 def main() -> int:
@@ -36,12 +35,12 @@ def main() -> int:
     import fxopt
     from fxopt import ir
     from fxopt.testing import randomize_norm_stats
-    from reparam_models import mobileone_s0, repvgg_a0
+    zoo = reparam_models()
 
     torch.set_num_threads(args.threads)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     rows = []
-    for name, factory in (("RepVGG-A0", repvgg_a0), ("MobileOne-S0", mobileone_s0)):
+    for name, factory in (("RepVGG-A0", zoo.repvgg_a0), ("MobileOne-S0", zoo.mobileone_s0)):
         torch.manual_seed(0)
         model = randomize_norm_stats(factory(), 0).eval()
         start = time.perf_counter()
