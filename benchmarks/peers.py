@@ -74,6 +74,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--tune-db", help="tuning database for the tuned column (reused across models and runs)")
     p.add_argument("--tol", type=float, default=None, help="rtol = atol/max|eager| (default: fxopt's build tolerance)")
     p.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n fp32 GEMM that measures the peak")
+    p.add_argument("--breakdown", type=int, default=0, metavar="K",
+                   help="also print the K slowest kernels of each fxopt build (per-kernel time breakdown)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args()
@@ -386,6 +388,14 @@ def main() -> int:
     print("(ms, medians; x / best: latency over the fastest correct peer of eager, torch.compile, ORT; "
           "geomean over models where it ran correctly, (k/n) when not all)")
 
+    if args.breakdown:
+        for row in results:
+            for column in FXOPT_COLUMNS:
+                kernels = row["runtimes"].get(column, {}).get("kernels")
+                if kernels:
+                    print(f"\n{row['model']} / {column}: the {len(kernels)} slowest kernels (ms per run, calls)")
+                    print_table([["kernel", "ms", "calls"]] + [[k["kernel"], f"{k['ms']:.3f}", str(k["calls"])] for k in kernels])
+
     if args.json:
         payload = {
             "config": {"models": names, "rounds": args.rounds, "calls": args.calls, "threads": args.threads,
@@ -430,6 +440,8 @@ def _build(column, model, x_compile, x, args, fxopt, tune_config, runtime: Runti
 
         runtime.extra["fxopt_macs"] = ir.count_macs(compiled.module)
         library = compiled.library
+        if args.breakdown:
+            runtime.extra["kernels"] = library.kernel_times(x)[: args.breakdown]
         return lambda: library.run(x)
     raise ValueError(column)
 

@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -993,6 +994,12 @@ int Run(const Options& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // TVM's thread pool defaults to half the hardware threads on x86 (it assumes SMT): one thread
+  // on a 2-core machine. Use every core unless the user said otherwise.
+  if (std::getenv("TVM_NUM_THREADS") == nullptr) {
+    unsigned cores = std::thread::hardware_concurrency();
+    if (cores > 0) setenv("TVM_NUM_THREADS", std::to_string(cores).c_str(), 0);
+  }
   try {
     return Run(ParseArgs(argc, argv));
   } catch (const ffi::Error& e) {

@@ -61,6 +61,10 @@ _VM_NOISE = (b"Scope Saving:", b"Scope Loaded:", b"BlockBuilder destroyed with r
 
 
 def _tvm():
+    # TVM's thread pool defaults to half the hardware threads on x86 (it assumes SMT), one
+    # thread on a 2-core machine: run on every core this process may use unless told otherwise.
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                 else (os.cpu_count() or 1)))
     try:
         import tvm  # noqa: F401
         from tvm import relax  # noqa: F401
@@ -762,6 +766,43 @@ class CompiledLibrary:
                 self._call(args)
             times.append((_time.perf_counter() - start) / number)
         return times
+
+    def kernel_times(self, *tensors: torch.Tensor | np.ndarray, runs: int = 10) -> list[dict]:
+        """Where the time goes: every function the VM calls (kernels, and its own builtins such as
+        ``vm.builtin.alloc_tensor``) with its calls per run and median milliseconds per run,
+        slowest first. Timed with the VM's instrumentation hook (wall clock around each call),
+        so the figures include a microsecond or so of call overhead each."""
+        import statistics
+
+        if runs < 1:
+            raise InputError(f"runs must be >= 1, got {runs}")
+        self._check_runs_here()
+        args = self._arguments(tensors)
+        vm, _ = self._vm_and_dev()
+        self._call(args)  # warm-up
+        per_run: list[dict[str, list[float]]] = []
+        started: dict[str, float] = {}
+
+        def instrument(func, symbol, before, ret, *unused):  # noqa: ARG001 - TVM's signature
+            if before:
+                started[symbol] = _time.perf_counter()
+            else:
+                current = per_run[-1].setdefault(symbol, [])
+                current.append(_time.perf_counter() - started.pop(symbol, _time.perf_counter()))
+            return 0
+
+        vm.set_instrument(instrument)
+        try:
+            for _ in range(runs):
+                per_run.append({})
+                self._call(args)
+        finally:
+            vm.set_instrument(None)
+        rows = []
+        for symbol in per_run[0]:
+            totals = [sum(run.get(symbol, [])) * 1e3 for run in per_run]
+            rows.append({"kernel": symbol, "calls": len(per_run[0][symbol]), "ms": statistics.median(totals)})
+        return sorted(rows, key=lambda row: -row["ms"])
 
     # -- saving -----------------------------------------------------------------------------
 

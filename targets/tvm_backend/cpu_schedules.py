@@ -105,14 +105,19 @@ def legalize_map(params: "CpuScheduleParams") -> dict:
         dh, dw = (int(v) for v in attrs.dilation)
         pt, pl, pb, pr = (int(v) for v in attrs.padding)
         out_w = (width + pl + pr - (kw - 1) * dw - 1) // sw + 1
-        vector, count = conv_tile(cout, out_w, params)
+        vector, count = conv_tile(cout, out_w, params, allow_partial=True)
         block = vector * count
         out_dtype = str(attrs.out_dtype) or str(data.ty.dtype)
 
+        blocks = -(-cout // block)
+
         def pack(w):
-            # HWIO [KH, KW, Cin, Cout] -> [Cout/B, KH, KW, Cin, B]
-            return te.compute((cout // block, kh, kw, cin, block),
-                              lambda o, y, x, i, b: w[y, x, i, o * block + b], name="weight_pack")
+            # HWIO [KH, KW, Cin, Cout] -> [ceil(Cout/B), KH, KW, Cin, B], zeros past Cout
+            return te.compute(
+                (blocks, kh, kw, cin, block),
+                lambda o, y, x, i, b: te.if_then_else(
+                    o * block + b < cout, w[y, x, i, tvm.te.min(o * block + b, cout - 1)], tvm.tirx.const(0, w.dtype)),
+                name="weight_pack")
 
         def conv(x, wp):
             padded = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp") if (pt or pl or pb or pr) else x
@@ -120,13 +125,18 @@ def legalize_map(params: "CpuScheduleParams") -> dict:
             ry = te.reduce_axis((0, kh), name="ry")
             rx = te.reduce_axis((0, kw), name="rx")
             rc = te.reduce_axis((0, cin), name="rc")
-            return te.compute(
-                (n, out_h, out_w, cout),
+            # Channels padded to whole tiles (zero weights), sliced back by an injective
+            # block that fuses into the epilogue: full-vector tiles, no predicates.
+            conv = te.compute(
+                (n, out_h, out_w, blocks * block),
                 lambda b, y, x_, c: te.sum(
                     padded[b, y * sh + ry * dh, x_ * sw + rx * dw, rc].astype(out_dtype)
                     * wp[c // block, ry, rx, rc, c % block].astype(out_dtype),
                     axis=[ry, rx, rc]),
                 name="conv2d_nhwc_packed")
+            if blocks * block == cout:
+                return conv
+            return te.compute((n, out_h, out_w, cout), lambda b, y, x_, c: conv[b, y, x_, c], name="channel_slice")
 
         packed = bb.emit_te(pack, weight, primfunc_name_hint="weight_pack")
         return bb.call_te(conv, data, packed, primfunc_name_hint="conv2d")
@@ -143,13 +153,13 @@ def _static_shape(expr) -> list[int] | None:
         return None
 
 
-def conv_tile(channels: int, rows_extent: int, params: "CpuScheduleParams") -> tuple[int, int]:
+def conv_tile(channels: int, rows_extent: int, params: "CpuScheduleParams", allow_partial: bool = False) -> tuple[int, int]:
     """(vector, count) of the output-channel tile for an op with ``channels`` outputs per pixel
     and ``rows_extent`` pixels along the register-tiled axis; shared by the schedule and the
     weight packing so that both agree."""
     accumulators = params.vector_registers - 4  # leave room for inputs and weights
     max_width = params.lanes * (accumulators if rows_extent == 1 else 2)
-    return _vector_tile(channels, params.lanes, max_width)
+    return _vector_tile(channels, params.lanes, max_width, allow_partial)
 
 
 def _clip_as_min_max():
@@ -252,14 +262,23 @@ def _vectorize_tail(sch: s_tir.Schedule, block, lanes: int, cores: int, parallel
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
-def _vector_tile(extent: int, lanes: int, max_width: int) -> tuple[int, int]:
+def _vector_tile(extent: int, lanes: int, max_width: int, allow_partial: bool = False) -> tuple[int, int]:
     """(vector, count): the output-channel tile is ``count`` vectors of ``vector`` elements.
 
     ``vector`` is the largest power of two up to the register width that divides the extent
     (24 channels: vectors of 8), because LLVM scalarizes odd vector lengths; ``count`` is the
     most such vectors that divide the extent within ``max_width`` elements (many when the tile
-    has one row, as in a matmul at batch 1, so each weight row is read in long runs)."""
+    has one row, as in a matmul at batch 1, so each weight row is read in long runs). With
+    ``allow_partial``, where that vector would be under a register (ShuffleNet's 116 = 4 x 29
+    channels) the tile is whole registers and need not divide the extent: the caller pads the
+    channels (see :func:`legalize_map`)."""
     vector = min(lanes, extent & -extent)
+    if allow_partial and vector < lanes and extent > lanes:
+        # Whole registers over a few padded channels: the count that pads least (then the
+        # largest), if the padding costs at most 1/8 more work.
+        padded, count = min((-(-extent // (lanes * k)) * lanes * k, -k) for k in range(1, max(1, max_width // lanes) + 1))
+        if padded * 8 <= extent * 9:
+            return lanes, -count
     count = 1
     for k in range(max(1, max_width // vector), 0, -1):
         if extent % (vector * k) == 0:
@@ -366,9 +385,10 @@ class ConvLike(dlight.ScheduleRule):
         # pooling, whose every read follows the channel axis (rows outermost).
         if reads_follow_channels:
             outer = list(spatial[:-2]) + [r_outer, c_outer]
+            sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
         else:
             outer = [c_outer] + list(spatial[:-2]) + [r_outer]
-        sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
+            sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
         fused = sch.fuse(*outer)
         sch.parallel(fused)
         sch.unroll(r_inner)

@@ -138,12 +138,40 @@ def test_unknown_strategy_is_refused():
         (64, 16, 32, (16, 2)),  # two whole AVX-512 vectors
         (24, 16, 32, (8, 3)),  # odd vector lengths are scalarized by LLVM: three of 8
         (1000, 16, 448, (8, 25)),  # a batch-1 matmul row: long runs of whole sub-vectors
-        (116, 16, 32, (4, 1)),  # ShuffleNet's 116 channels: only 4 divides (see the closing note)
+        (116, 16, 32, (4, 1)),  # ShuffleNet's 116 channels: only 4 divides...
         (3, 4, 8, (1, 3)),
     ],
 )
 def test_vector_tile(extent, lanes, max_width, expected):
     assert cs._vector_tile(extent, lanes, max_width) == expected
+
+
+@pytest.mark.parametrize(
+    "extent, max_width, expected",
+    [
+        (116, 32, (16, 2)),  # ...so dense convs pad it to 128: whole registers
+        (232, 32, (16, 1)),  # 240: the least padding
+        (1000, 448, (16, 21)),  # a batch-1 classifier: 1008 channels in tiles of 336
+        (24, 32, (8, 3)),  # padding to 32 would cost a third more work: vectors of 8 instead
+        (64, 32, (16, 2)),
+    ],
+)
+def test_partial_tiles_pad_little(extent, max_width, expected):
+    assert cs._vector_tile(extent, 16, max_width, allow_partial=True) == expected
+
+
+def test_padded_channels_are_sliced_off_and_exact():
+    """A dense conv with 58 output channels computes 64 (zero weights past 58) and slices."""
+    model = nn.Sequential(nn.Conv2d(58, 58, 1), nn.ReLU(), nn.Conv2d(58, 116, 3, padding=1)).eval()
+    x = torch.randn(1, 58, 9, 9)
+    _, mod = _scheduled(model, x, "host")
+    scripts = "".join(f.script() for f in _prim_funcs(mod).values())
+    if tb.schedule_params(get_target("host")).lanes > 2:
+        assert "channel_slice" in scripts or "T.int64(64)" in scripts
+    got = tb.build(tb.lower(model, (x,)), "host").run(x)[0]
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_params_from_capabilities_not_names():

@@ -300,3 +300,15 @@ def test_foreign_target_builds_but_does_not_run_here(tmp_path):
     (tmp_path / "model.so").write_bytes(b"not really")
     with pytest.raises(TargetError, match="cannot be loaded on this machine"):
         tb.load(tmp_path, target)
+
+
+def test_kernel_times_breakdown(cnn):
+    model, x, lib = cnn
+    rows = lib.kernel_times(x, runs=2)
+    names = [row["kernel"] for row in rows]
+    assert any("conv2d" in name for name in names) and any(name.startswith("vm.builtin") for name in names)
+    assert all(row["calls"] >= 1 and row["ms"] >= 0 for row in rows)
+    assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
+    with pytest.raises(InputError, match="runs must be"):
+        lib.kernel_times(x, runs=0)
+    assert_matches(lib.run(x)[0], model(x))  # the instrumentation hook is removed afterwards
