@@ -21,10 +21,11 @@ from fxopt.errors import (
 from fxopt.ir import trace
 from fxopt.pass_manager import Fixpoint, Pass, PassContext, PassResult, Pipeline, register
 from fxopt.report import Report
+from fxopt.tuning import TuneConfig
 
 __all__ = [
     "ArtifactError", "BuildError", "Compiled", "Fixpoint", "FxoptError", "InputError", "Loaded", "Optimized",
     "Pass", "PassContext", "PassError", "PassResult", "Pipeline", "Report", "SpecError", "TargetError",
-    "TraceError", "UnsupportedOpError", "VerificationError", "__version__", "compile", "load", "optimize",
+    "TraceError", "TuneConfig", "UnsupportedOpError", "VerificationError", "__version__", "compile", "load", "optimize",
     "register", "trace",
 ]

@@ -20,6 +20,7 @@ from fxopt import verify as verification
 from fxopt.errors import ArtifactError, InputError, TargetError, VerificationError
 from fxopt.pass_manager import Pass, PassContext, apply
 from fxopt.report import Report
+from fxopt.tuning import TuneConfig
 
 __version__ = "0.1.0"
 
@@ -144,6 +145,8 @@ class Compiled:
                           "atol_is_relative_to": "max |expected output|"},
             "versions": _versions(),
         }
+        if self.report.build and self.report.build.get("tuning"):
+            manifest["tuning"] = self.report.build["tuning"]
         return artifact.write(
             path, manifest=manifest, inputs=self.example_inputs, outputs=self.expected_outputs,
             write_payload=self._write_payload, report=self.report.to_json(), force=force,
@@ -176,12 +179,17 @@ def compile(
     *,
     leaf_modules: Sequence[type | str] = (),
     capture: str = "auto",
+    tune: TuneConfig | None = None,
 ) -> Compiled:
     """optimize → lower to Relax → build for ``target``; on a target that runs here, check the build
     against the eager model before returning it. ``pipeline`` defaults to the target's;
-    ``capture`` and ``leaf_modules`` are optimize's."""
+    ``capture`` and ``leaf_modules`` are optimize's. ``tune=TuneConfig(trials=..., database=...)``
+    tunes the kernels with MetaSchedule (those the database lacks) and builds with the database's
+    schedules; the report and manifest record it under ``build.tuning``."""
     from fxopt.targets import get_target, tvm_backend
 
+    if tune is not None and not isinstance(tune, TuneConfig):
+        raise InputError(f"tune must be a fxopt.TuneConfig (e.g. TuneConfig(trials=64)), got {type(tune).__name__}")
     resolved = get_target(target)
     optimized = optimize(model, example_inputs, resolved.pipeline if pipeline is None else pipeline, verify,
                          target=resolved, leaf_modules=leaf_modules, capture=capture)
@@ -190,10 +198,15 @@ def compile(
     start = time.perf_counter()
     relax_module = tvm_backend.lower(optimized.module, inputs)
     lowered = time.perf_counter()
-    library = tvm_backend.build(relax_module, resolved)
+    library = tvm_backend.build(relax_module, resolved, **({"tune": tune} if tune is not None else {}))
     built = time.perf_counter()
     report = optimized.report
     report.build = {"target": resolved.name, "lower_s": round(lowered - start, 3), "build_s": round(built - lowered, 3)}
+    if tune is not None:
+        # build() leaves what tuning did (tuning.TuneSummary.to_json()) on the library; "database" is
+        # the directory the user gave (the target's records are in its subdirectory "target_key").
+        report.build["tuning"] = {"budget": tune.trials, **(getattr(library, "tuning", None) or {}),
+                                  "database": str(tune.database_path)}
     compiled = Compiled(optimized.module, report, resolved, library, inputs, expected, tree,
                         tvm_backend.resolve_target(resolved))
     if verify != "off":

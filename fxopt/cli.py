@@ -29,6 +29,23 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def tune_config(args: argparse.Namespace, output: Path):
+    """``--tune N`` / ``--tune-db PATH`` as a TuneConfig, or None. The database defaults to
+    ``tuning-db`` beside the build directory (``-o build/m`` -> ``build/tuning-db``), shared by
+    the builds written there; ``--tune-db`` alone applies that database without tuning."""
+    from fxopt.tuning import TuneConfig
+
+    if args.tune is None and args.tune_db is None:
+        return None
+    trials = args.tune if args.tune is not None else 0
+    if trials < 0:
+        raise InputError(f"--tune {trials}: give the number of tuning trials, a non-negative integer")
+    database = Path(args.tune_db) if args.tune_db is not None else output.parent / "tuning-db"
+    if database.exists() and not database.is_dir():
+        raise InputError(f"--tune-db {database} is a file: give a directory (it is created if missing)")
+    return TuneConfig(trials=trials, database=database)
+
+
 def load_model_factory(spec: str):
     """``path/to/file.py:factory`` or ``package.module:factory`` → the factory callable."""
     module_part, sep, attr = spec.rpartition(":")
@@ -98,6 +115,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     target = get_target(args.target)  # unknown targets fail before any work
     artifact.check_destination(Path(args.output).resolve(), args.force)
+    tune = tune_config(args, Path(args.output).resolve())
     shapes = [parse_shape(s) for s in args.input_shape]
     saved = is_saved_program(args.model)
     if not shapes and not saved:
@@ -129,7 +147,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             model.eval()
         inputs = _random_inputs(shapes, dtypes, args.seed)
     compiled = fxopt.compile(model, inputs, target=target, pipeline=args.pipeline, verify=args.verify,
-                             leaf_modules=args.leaf, capture=args.capture)
+                             leaf_modules=args.leaf, capture=args.capture, tune=tune)
     if saved:
         compiled.report.model = Path(args.model).name
     path = compiled.export(args.output, force=args.force)
@@ -198,6 +216,12 @@ def make_parser() -> argparse.ArgumentParser:
                        help="how the model becomes a graph: torch.fx symbolic tracing, torch.export, or auto "
                             "(fx, then export when fx cannot trace it; the default)")
     build.add_argument("--seed", type=int, default=0, help="seed of the random example inputs")
+    build.add_argument("--tune", type=int, default=None, metavar="N",
+                       help="tune the kernels with MetaSchedule, N trials in all (split over the kernels that the "
+                            "tuning database does not have yet); Ctrl-C stops, keeping what was tuned")
+    build.add_argument("--tune-db", default=None, metavar="DIR",
+                       help="tuning database directory, reused across builds and models (default: tuning-db "
+                            "beside the output directory); without --tune, its schedules are applied, nothing is tuned")
     build.add_argument("-o", "--output", required=True, help="build directory to write")
     build.add_argument("--force", action="store_true", help="replace an existing directory that is not an fxopt build")
     build.set_defaults(func=cmd_build)

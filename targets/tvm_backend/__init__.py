@@ -500,11 +500,13 @@ def _cpu_pipeline(mod, target: Target, tvm_target, tune, tuning_log: dict):
         summary = tuning.tune(fused, tvm_target, tune, target=target)
 
         @tvm_module_pass("fxopt.ApplyTuningDatabase")
-        def tuned(module):
+        def apply_tuned(module):
             module, applied = tuning.apply_database(module, tvm_target, tune.database_path, target=target)
             summary.applied = applied
             tuning_log.update(summary.to_json())
             return module
+
+        tuned = apply_tuned
 
     return cpu_schedules.relax_pipeline(tvm_target, params, tuned=tuned)
 

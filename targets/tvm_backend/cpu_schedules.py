@@ -40,8 +40,6 @@ from tvm.s_tir import dlight
 
 logger = logging.getLogger(__name__)
 
-import os
-INLINE_PAD = os.environ.get("INLINE_PAD") == "1"
 _DATA_PAR = 0  # tirx.IterVar.DataPar
 _COMM_REDUCE = 2  # tirx.IterVar.CommReduce
 
@@ -333,15 +331,16 @@ class ConvLike(dlight.ScheduleRule):
         if len(loops) != len(types) or any(_extent(sch, lp) is None for lp in loops):
             return None
 
-        # Producers: a plain copy (a 1x1 conv's "pad") is inlined. Zero padding is inlined where
-        # every read follows the channel axis (depthwise conv, pooling: little work per input
-        # element, so a separate padded copy would cost as much as the op); before a dense conv
-        # it stays a separate copy, keeping the bounds tests out of the long reduction.
+        # Producers: a plain copy (a 1x1 conv's "pad") is inlined. Zero padding is never inlined
+        # (a bounds test on every load of the reduction; TVM 0.27 cannot even build that for
+        # RVV): where every read follows the channel axis (depthwise conv, pooling: little work
+        # per input element) each task pads its own window (below); before a dense conv it is
+        # one parallel copy, small next to the conv.
         vector_var = sch.get(anchor).iter_vars[n_spatial - 1].var
         reads_follow_channels = all(_uses_var(sch, anchor, vector_var))
         index = [sch.get(b).name_hint for b in blocks].index(anchor_name)
         for block in blocks[:index]:
-            if not _is_padding(sch, block) or (reads_follow_channels and INLINE_PAD):
+            if not _is_padding(sch, block):
                 try:
                     sch.compute_inline(block)
                 except Exception:  # noqa: BLE001 - leave it as its own loop nest
