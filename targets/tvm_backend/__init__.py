@@ -497,7 +497,9 @@ def _cpu_pipeline(mod, target: Target, tvm_target, tune, tuning_log: dict):
         from . import tuning
 
         fused = cpu_schedules.fused_module(mod, tvm_target, params)
-        summary = tuning.tune(fused, tvm_target, tune, target=target)
+        ordered = cpu_schedules.rules(params)
+        summary = tuning.tune(fused, tvm_target, tune, target=target,
+                              default_schedule=lambda func, t: cpu_schedules.schedule_function(func, t, ordered)[1])
 
         @tvm_module_pass("fxopt.ApplyTuningDatabase")
         def apply_tuned(module):

@@ -190,3 +190,22 @@ def test_cross_builds_match_eager_under_qemu(zoo, target_name):
     compiled = fxopt.compile(zoo, (torch.randn(1, 3, 33, 33),), target=target_name)
     assert compiled.report.build["target"] == target_name
     assert np.isfinite(compiled.expected_outputs[0].numpy()).all()
+
+
+def test_weight_layouts_are_computed_with_numpy_not_compiled_kernels(zoo):
+    """ConvertLayout's weight transposes and the bias reshapes are folded in Python: no
+    constant-only call is left for FoldConstant to compile (what cost GhostNet 14 s)."""
+    import re
+
+    import tvm
+
+    x = torch.randn(1, 3, 17, 17)
+    with tvm.target.Target(tb.resolve_target("host")):
+        mod = tvm.transform.Sequential(cs.layout_passes())(tb.lower(zoo, (x,)))
+    text = mod.script(show_meta=False)
+    assert len(re.findall(r"\) = metadata\[", text)) >= 8  # the transposed weights, bound as constants
+    assert not re.findall(r"= R\.(permute_dims|reshape)\(metadata", text)
+    params = tb.schedule_params(get_target("host"))
+    with tvm.target.Target(tb.resolve_target("host")):
+        legalized = tvm.relax.transform.LegalizeOps(customize_legalize_map=cs.legalize_map(params))(mod)
+    assert not [gv for gv, _ in legalized.functions_items() if "weight_pack" in gv.name_hint]  # packed by numpy

@@ -296,3 +296,21 @@ def test_cli_build_with_tuning_then_reuse(tmp_path, capsys):
     manifest = json.loads((tmp_path / "builds" / "b" / "manifest.json").read_text())
     assert manifest["tuning"]["measured"] == 0 and manifest["tuning"]["applied"] >= 1
     assert main(["check", str(tmp_path / "builds" / "b")]) == 0
+
+
+def test_default_schedule_is_seeded_so_tuning_never_loses_to_it(tmp_path, host):
+    """build(tune=...) measures fxopt's default schedule of each task first and commits it to the
+    database: one record more per task than trials, and the build is never worse than untuned
+    by construction (the database keeps the faster)."""
+    x = torch.randn(1, 3, 12, 12)
+    model = two_convs()
+    config = TuneConfig(trials=8, database=tmp_path / "db", trials_per_batch=2, cost_model="random")
+    library = tvm_backend.build(tvm_backend.lower(model, (x,)), "host", tune=config)
+    directory = Path(library.tuning["database"])
+    records = (directory / "database_tuning_record.json").read_text().splitlines()
+    assert library.tuning["tuned"] == library.tuning["tasks"] == library.tuning["applied"] >= 2
+    assert len(records) == library.tuning["measured"] + library.tuning["tuned"]  # + one seed per tuned task
+    got = library.run(x)[0]
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
