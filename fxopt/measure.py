@@ -47,7 +47,6 @@ written again; ``cache=False`` measures and writes nothing.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -64,6 +63,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from fxopt.api import __version__
 from fxopt.errors import InputError, MeasureError
 from fxopt.targets import Target, get_target
 from fxopt.targets.tvm_backend.rpc import RPCConfig
@@ -289,7 +289,7 @@ def _settings(target: Target, backend: str, repeat: int, warmup: int, number: in
             raise MeasureError(f"backend 'qemu-insn' counts each run alone; leave number=1 (got {number})")
         return {"repeat": repeat, "warmup": warmup, "number": 1, "threads": 1}
     if backend == "local":
-        from fxopt.targets.tvm_backend.timing import allowed_cpus
+        from fxopt.targets import allowed_cpus
 
         threads = threads or target.cores or len(allowed_cpus())
     else:  # rpc: the device's pool as its server started it, unless asked
@@ -377,13 +377,6 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     return Path(base).expanduser() / "fxopt" / "measure"
 
 
-def _fxopt_version() -> str:
-    try:
-        return importlib.metadata.version("fxopt")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
-        return "unknown"
-
-
 @lru_cache(maxsize=None)
 def _cpu_model() -> str:
     try:
@@ -438,7 +431,7 @@ def _cache_key(target: Target, mod, inputs: Sequence, backend: str, settings: di
         "backend": backend,
         "settings": settings,
         "environment": _environment(target, backend),
-        "versions": {**tvm_backend.versions(), "torch": torch.__version__, "fxopt": _fxopt_version()},
+        "versions": {**tvm_backend.versions(), "torch": torch.__version__, "fxopt": __version__},
     }
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest(), identity

@@ -132,7 +132,6 @@ class TuneConfig:
 
 
 def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    from fxopt.targets import allowed_cpus
+
+    return len(allowed_cpus()) or 1

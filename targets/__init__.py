@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import platform
 import re
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -31,6 +33,7 @@ __all__ = [
     "get_target",
     "list_targets",
     "host_arch",
+    "allowed_cpus",
 ]
 
 RUNNERS = ("native", "qemu", "rpc", "gpu")
@@ -48,6 +51,25 @@ def _normalize_arch(arch: str) -> str:
 def host_arch() -> str:
     """The build machine's architecture as the first field of an LLVM triple (``x86_64``)."""
     return _normalize_arch(platform.machine())
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on. Asked from a fresh thread that first widens its own mask
+    to every CPU (the kernel keeps only those allowed): the calling thread's mask can be one
+    core, since TVM binds a thread to a core when its thread pool starts."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            result.extend(sorted(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            result.extend(range(os.cpu_count() or 1))
+
+    thread = threading.Thread(target=probe, name="fxopt-cpus")
+    thread.start()
+    thread.join()
+    return result
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,9 @@ def command_prefix(target: Target) -> list[str]:
                       f"target names no emulator or run_command")
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
+def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S)
+        return subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired as exc:
         raise BuildError(f"`{' '.join(command[:4])} ...` did not finish in {_TIMEOUT_S} s") from exc
 
@@ -68,16 +68,21 @@ def _failure(command: list[str], proc: subprocess.CompletedProcess) -> BuildErro
     return BuildError(f"`{' '.join(command)}` failed: {detail}")
 
 
+def _input_arguments(inputs: Sequence[np.ndarray], directory: Path) -> list[str]:
+    """``inputs`` saved as .npy files in ``directory``, as the runner's ``--input`` arguments."""
+    arguments: list[str] = []
+    for i, array in enumerate(inputs):
+        np.save(directory / f"input_{i}.npy", np.ascontiguousarray(array))
+        arguments += ["--input", str(directory / f"input_{i}.npy")]
+    return arguments
+
+
 def run(target: Target, runner: Path, library: Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Outputs of ``library`` on ``inputs``, run by ``runner`` the target's way."""
     prefix = command_prefix(target)
     with tempfile.TemporaryDirectory(prefix="fxopt-run-") as scratch:
         scratch = Path(scratch)
-        command = [*prefix, str(runner), str(library)]
-        for i, array in enumerate(inputs):
-            np.save(scratch / f"input_{i}.npy", np.ascontiguousarray(array))
-            command += ["--input", str(scratch / f"input_{i}.npy")]
-        command += ["--output-dir", str(scratch)]
+        command = [*prefix, str(runner), str(library), *_input_arguments(inputs, scratch), "--output-dir", str(scratch)]
         proc = _run(command)
         if proc.returncode != 0:
             raise _failure(command, proc)
@@ -103,16 +108,10 @@ def count_instructions(target: Target, runner: Path, library: Path, inputs: Sequ
     with tempfile.TemporaryDirectory(prefix="fxopt-insn-") as scratch:
         scratch = Path(scratch)
         counts_file = scratch / "counts.txt"
-        command = [*qemu, "-plugin", f"file={plugin},out={counts_file}", str(runner), str(library)]
-        for i, array in enumerate(inputs):
-            np.save(scratch / f"input_{i}.npy", np.ascontiguousarray(array))
-            command += ["--input", str(scratch / f"input_{i}.npy")]
-        command += ["--output-dir", str(scratch / "out"), "--warmup", str(warmup), "--repeat", str(repeat)]
-        env = {**os.environ, "TVM_NUM_THREADS": "1"}
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S, env=env)
-        except subprocess.TimeoutExpired as exc:
-            raise BuildError(f"`{' '.join(command[:4])} ...` did not finish in {_TIMEOUT_S} s") from exc
+        command = [*qemu, "-plugin", f"file={plugin},out={counts_file}", str(runner), str(library),
+                   *_input_arguments(inputs, scratch), "--output-dir", str(scratch / "out"),
+                   "--warmup", str(warmup), "--repeat", str(repeat)]
+        proc = _run(command, env={**os.environ, "TVM_NUM_THREADS": "1"})
         plugin_lines = [ln for ln in proc.stderr.splitlines() if "plugin" in ln.lower()]
         if proc.returncode != 0 and plugin_lines:
             raise TargetError(f"{qemu[0]} cannot load fxopt's counting plugin: {plugin_lines[0]}. The plugin "

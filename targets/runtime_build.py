@@ -47,7 +47,7 @@ from typing import Iterator, Sequence
 
 from fxopt.errors import BuildError, TargetError
 
-from . import _normalize_arch, host_arch
+from . import _normalize_arch, allowed_cpus, host_arch
 
 __all__ = [
     "RUNNER_NAME",
@@ -491,10 +491,7 @@ def _build(tmp: Path, compiler: _Compiler, sources: RuntimeSources, arch: str,
 
 
 def _parallelism() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return max(1, len(allowed_cpus()))
 
 
 _ERROR_LINE = re.compile(

@@ -1,17 +1,22 @@
-"""The TVM adapter: the only module of fxopt that imports ``tvm``.
+"""The TVM adapter: this package is the only part of fxopt that imports ``tvm``.
 
     lower(module, example_inputs)  torch.export + Relax frontend -> tvm.IRModule
-    build(mod, target)             per-target Relax pipeline + codegen -> CompiledLibrary
+    build(mod, target, tune=)      per-target Relax pipeline + codegen -> CompiledLibrary
     CompiledLibrary.run/save/time  run on this machine, export a shared library, time it
+    CompiledLibrary.kernel_times   where the time of a run goes, per kernel
     load(path, target)             a saved library back as a CompiledLibrary
+
+Beside it: ``cpu_schedules`` (fxopt's CPU layout, legalization and schedule rules),
+``tuning`` (MetaSchedule with a database), ``rpc`` and ``timing`` (for :mod:`fxopt.measure`).
 
 ``tvm`` is imported lazily, inside the functions, so that importing this module costs nothing
 and fxopt without TVM still imports. Notes on TVM 0.27 (Relax only) that shaped this module:
 
 * Target strings (``"llvm -mcpu=native"``) are gone: targets are JSON dicts, and ``native`` is not
   a CPU name LLVM accepts, so :func:`resolve_target` asks LLVM for the host CPU and triple.
-* ``tvm.compile`` without ``relax_pipeline`` does not fuse on CPU; :func:`build` passes the
-  target's default Relax pipeline explicitly.
+* ``tvm.compile`` without ``relax_pipeline`` does not fuse on CPU, and TVM's CPU pipeline
+  schedules no kernel; :func:`build` passes fxopt's CPU pipeline (or, with the target's
+  schedule strategy ``tvm``, TVM's own) explicitly.
 * The Relax ``main`` of an imported ExportedProgram always returns a tuple (one field per
   output); the VM hands back a ``tvm_ffi`` Array of Tensors, possibly nested.
 * The VM logs "Scope Saving:" / "Scope Loaded:" warnings on stderr (C++ ``LOG(WARNING)``, no
@@ -63,8 +68,10 @@ _VM_NOISE = (b"Scope Saving:", b"Scope Loaded:", b"BlockBuilder destroyed with r
 def _tvm():
     # TVM's thread pool defaults to half the hardware threads on x86 (it assumes SMT), one
     # thread on a 2-core machine: run on every core this process may use unless told otherwise.
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                 else (os.cpu_count() or 1)))
+    if "TVM_NUM_THREADS" not in os.environ:
+        from .. import allowed_cpus
+
+        os.environ["TVM_NUM_THREADS"] = str(len(allowed_cpus()) or 1)
     try:
         import tvm  # noqa: F401
         from tvm import relax  # noqa: F401
@@ -481,7 +488,9 @@ def schedule_params(target: Target):
 
     cores = target.cores
     if cores is None and target.runs_here():
-        cores = os.cpu_count()
+        from .. import allowed_cpus
+
+        cores = len(allowed_cpus())
     return CpuScheduleParams.from_capabilities(target.capabilities.vector_bits, target.arch, cores or 4)
 
 

@@ -60,6 +60,11 @@ class CpuScheduleParams:
     vector_registers: int = 16
     cores: int = 1
 
+    @property
+    def accumulators(self) -> int:
+        """Vector registers a tile of outputs may keep (room left for inputs and weights)."""
+        return self.vector_registers - 4
+
     @classmethod
     def from_capabilities(cls, vector_bits: int, arch: str, cores: int | None) -> "CpuScheduleParams":
         lanes = max(1, (vector_bits or 128) // 32)
@@ -104,14 +109,21 @@ def _transpose_constants():
             axes = None if axes is None else [int(a) for a in axes]
             return relax.const(np.ascontiguousarray(np.transpose(array, axes)))
 
-    @tvm.transform.module_pass(opt_level=0, name="fxopt.TransposeConstants")
-    def fold(mod, _ctx):
+    return _relax_function_pass(TransposeConstants, "fxopt.TransposeConstants")
+
+
+def _relax_function_pass(mutator, name: str):
+    """A module pass running a fresh ``mutator`` (a relax.PyExprMutator class) over every Relax
+    function of the module."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def run(mod, _ctx):
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
-                mod[gvar] = TransposeConstants().visit_expr(func)
+                mod[gvar] = mutator().visit_expr(func)
         return mod
 
-    return fold
+    return run
 
 
 def legalize_map(params: "CpuScheduleParams") -> dict:
@@ -121,8 +133,8 @@ def legalize_map(params: "CpuScheduleParams") -> dict:
     by the full output-channel count (2 KiB apart for 512 channels): every step of the reduction
     touches new cache lines and the slice thrashes a few cache sets. Packed as
     ``[Cout/B, KH, KW, Cin, B]`` with ``B`` the schedule's tile width (:func:`conv_tile`), the slice
-    is one contiguous run. The packing is a TE function of the constant weight, which
-    FoldConstant evaluates at compile time; grouped and depthwise convs keep TOPI's form (their
+    is one contiguous run. A constant weight is packed here, with numpy (a weight that is not a
+    constant gets a TE packing function); grouped and depthwise convs keep TOPI's form (their
     weight slice is already contiguous).
     """
     from tvm import te, topi
@@ -212,8 +224,7 @@ def conv_tile(channels: int, rows_extent: int, params: "CpuScheduleParams", allo
     """(vector, count) of the output-channel tile for an op with ``channels`` outputs per pixel
     and ``rows_extent`` pixels along the register-tiled axis; shared by the schedule and the
     weight packing so that both agree."""
-    accumulators = params.vector_registers - 4  # leave room for inputs and weights
-    max_width = params.lanes * (accumulators if rows_extent == 1 else 2)
+    max_width = params.lanes * (params.accumulators if rows_extent == 1 else 2)
     return _vector_tile(channels, params.lanes, max_width, allow_partial)
 
 
@@ -238,14 +249,7 @@ def _clip_as_min_max():
             value = value.value
         return float(value)
 
-    @tvm.transform.module_pass(opt_level=0, name="fxopt.ClipAsMinMax")
-    def rewrite(mod, _ctx):
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = ClipAsMinMax().visit_expr(func)
-        return mod
-
-    return rewrite
+    return _relax_function_pass(ClipAsMinMax, "fxopt.ClipAsMinMax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,12 +346,11 @@ def _vector_tile(extent: int, lanes: int, max_width: int, allow_partial: bool = 
     return vector, count
 
 
-def _uses_var(sch: s_tir.Schedule, block, var, reads: bool = True) -> list[bool]:
-    """For each read (or write) region of ``block``: whether its indices use ``var``."""
-    regions = sch.get(block).reads if reads else sch.get(block).writes
+def _uses_var(sch: s_tir.Schedule, block, var) -> list[bool]:
+    """For each read region of ``block``: whether its indices use ``var``."""
     return [
         any(any(v.same_as(var) for v in tirx.analysis.undefined_vars(r.min)) for r in region.region)
-        for region in regions
+        for region in sch.get(block).reads
     ]
 
 
@@ -403,7 +406,7 @@ class ConvLike(dlight.ScheduleRule):
                 except Exception:  # noqa: BLE001 - leave it as its own loop nest
                     pass
         # Epilogue: inline every elementwise block after the anchor into the last one.
-        epilogue = [b for b in _blocks(sch)]
+        epilogue = _blocks(sch)
         names = [sch.get(b).name_hint for b in epilogue]
         after = epilogue[names.index(anchor_name) + 1:]
         for block in after[:-1]:
@@ -430,8 +433,7 @@ class ConvLike(dlight.ScheduleRule):
         rows_extent = extents[-2]
         vector, count = conv_tile(vec_extent, rows_extent, self.params)
         width = vector * count
-        accumulators = self.params.vector_registers - 4
-        rows = _largest_divisor(rows_extent, min(max(1, accumulators // count), 8))
+        rows = _largest_divisor(rows_extent, min(max(1, self.params.accumulators // count), 8))
 
         c_outer, c_inner = sch.split(spatial[-1], [None, width])
         c_count, c_vector = sch.split(c_inner, [count, vector])
@@ -441,10 +443,9 @@ class ConvLike(dlight.ScheduleRule):
         # pooling, whose every read follows the channel axis (rows outermost).
         if reads_follow_channels:
             outer = list(spatial[:-2]) + [r_outer, c_outer]
-            sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
         else:
             outer = [c_outer] + list(spatial[:-2]) + [r_outer]
-            sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
+        sch.reorder(*outer, *reduce, r_inner, c_count, c_vector)
         fused = sch.fuse(*outer)
         sch.parallel(fused)
         sch.unroll(r_inner)
@@ -474,7 +475,7 @@ class ConvLike(dlight.ScheduleRule):
                 sch.reverse_compute_at(epilogue_block, fused)
                 e_loops = sch.get_loops(epilogue_block)[1:]
                 if e_loops and _extent(sch, e_loops[-1]) == width:
-                    *rest, e_count, e_vector = sch.split(e_loops[-1], [count, vector])
+                    e_count, e_vector = sch.split(e_loops[-1], [count, vector])
                     for loop in [*e_loops[:-1], e_count]:
                         sch.unroll(loop)
                     sch.vectorize(e_vector)
@@ -552,6 +553,7 @@ def rules(params: CpuScheduleParams) -> list:
 
 
 SCHEDULE_ATTR = "fxopt.schedule_rule"
+SCHEDULED_ATTR = "tirx.is_scheduled"  # TVM 0.27's name ("tir.is_scheduled" before the tirx rename)
 
 
 def default_schedule_pass(params: CpuScheduleParams):
@@ -564,13 +566,13 @@ def default_schedule_pass(params: CpuScheduleParams):
     def apply(mod, _ctx):
         updated = {}
         for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             target = func.attrs.get("target") if func.attrs else None
             target = target or tvm.target.Target.current(allow_none=False)
             rule, sch = schedule_function(func, target, ordered)
             if sch is not None:
-                updated[gvar] = sch.mod["main"].with_attrs({"tirx.is_scheduled": True, SCHEDULE_ATTR: rule})
+                updated[gvar] = sch.mod["main"].with_attrs({SCHEDULED_ATTR: True, SCHEDULE_ATTR: rule})
         for gvar, func in updated.items():
             mod[gvar] = func
         return mod
@@ -590,33 +592,41 @@ def schedule_function(func, target, ordered: list) -> tuple[str | None, "s_tir.S
     return None, None
 
 
-def _is_scheduled(func) -> bool:
-    attrs = func.attrs
-    return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
+def is_scheduled(func) -> bool:
+    """Whether a PrimFunc already has its schedule (from the rules or a tuning database)."""
+    attrs = getattr(func, "attrs", None)
+    return bool(attrs is not None and SCHEDULED_ATTR in attrs and bool(attrs[SCHEDULED_ATTR]))
+
+
+def _fusion_passes(target, params: CpuScheduleParams) -> list:
+    """Everything before scheduling: dispatch -> layout (NHWC/HWIO, clip as min/max, constant
+    transposes) -> legalize (packed dense convs) -> fold constants -> fuse."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return (
+        cpu.library_dispatch_passes(target)
+        + layout_passes()
+        + [
+            relax.transform.LegalizeOps(customize_legalize_map=legalize_map(params)),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )
 
 
 def relax_pipeline(target, params: CpuScheduleParams, tuned=None):
-    """TVM's CPU pipeline with fxopt's layout, legalization and default schedules.
-
-    dispatch -> layout (NHWC/HWIO, clip as min/max) -> legalize (packed dense convs) -> fold
-    constants (the weight packing runs here, once) -> fuse -> ``tuned`` (a pass applying tuned
-    schedules, optional) -> default rules for every PrimFunc still unscheduled -> VM lowering.
-    """
+    """TVM's CPU pipeline with fxopt's layout, legalization and default schedules:
+    :func:`_fusion_passes` -> ``tuned`` (a pass applying tuned schedules, optional) -> default
+    rules for every PrimFunc still unscheduled -> VM lowering."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="fxopt.CpuPipeline")
     def _pipeline(mod, _ctx):
         with target:
             passes = (
-                cpu.library_dispatch_passes(target)
-                + layout_passes()
-                + [
-                    relax.transform.LegalizeOps(customize_legalize_map=legalize_map(params)),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                ]
+                _fusion_passes(target, params)
                 + ([tuned] if tuned is not None else [])
                 + [default_schedule_pass(params)]
                 + cpu.dataflow_lower_passes(target)
@@ -630,17 +640,5 @@ def relax_pipeline(target, params: CpuScheduleParams, tuned=None):
 def fused_module(mod, target, params: CpuScheduleParams):
     """The module as the schedules see it (fused PrimFuncs, none scheduled): for tuning and for
     inspecting what the rules get."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
     with target:
-        return tvm.transform.Sequential(
-            cpu.library_dispatch_passes(target)
-            + layout_passes()
-            + [
-                relax.transform.LegalizeOps(customize_legalize_map=legalize_map(params)),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-            ]
-        )(mod)
+        return tvm.transform.Sequential(_fusion_passes(target, params))(mod)

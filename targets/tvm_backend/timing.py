@@ -26,7 +26,7 @@ from fxopt.errors import BuildError, FxoptError
 
 from . import CompiledLibrary, _tvm
 
-__all__ = ["workload_digest", "time_local", "allowed_cpus"]
+__all__ = ["workload_digest", "time_local"]
 
 # TVM's ThreadGroup::AffinityMode values.
 _BIG_CORES = 1
@@ -53,24 +53,6 @@ def workload_digest(mod) -> str:
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return digest.hexdigest()
-
-
-def allowed_cpus() -> list[int]:
-    """The CPUs this process may run on (not those the calling thread happens to be bound to:
-    TVM binds a thread to one core when its thread pool starts)."""
-    result: list[int] = []
-
-    def probe() -> None:
-        try:
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
-            result.extend(sorted(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):  # pragma: no cover - not Linux
-            result.extend(range(os.cpu_count() or 1))
-
-    thread = threading.Thread(target=probe, name="fxopt-cpus")
-    thread.start()
-    thread.join()
-    return result
 
 
 def time_local(lib: CompiledLibrary, inputs: Sequence[Any], *, repeat: int, number: int,

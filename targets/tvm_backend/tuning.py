@@ -56,6 +56,7 @@ from fxopt.errors import BuildError, InputError, TargetError
 from fxopt.tuning import TuneConfig
 
 from . import _first_line, _tvm, _worker
+from .cpu_schedules import SCHEDULED_ATTR, is_scheduled
 
 if TYPE_CHECKING:  # pragma: no cover
     import tvm
@@ -65,7 +66,6 @@ __all__ = ["SCHEDULED_ATTR", "TuneSummary", "tune", "apply_database", "tune_and_
 
 log = logging.getLogger("fxopt.tuning")
 
-SCHEDULED_ATTR = "tirx.is_scheduled"  # TVM 0.27's name ("tir.is_scheduled" before the tirx rename)
 _MS_LOGGER = "tvm.s_tir.meta_schedule"
 _WORKLOADS = "database_workload.json"
 _RECORDS = "database_tuning_record.json"
@@ -242,13 +242,8 @@ def _tasks(mod, target) -> list:
         tasks = ms.relax_integration.extract_tasks(mod, target)
     except Exception as exc:  # noqa: BLE001
         raise BuildError(f"MetaSchedule could not extract tuning tasks: {_first_line(exc)}") from exc
-    tasks = [t for t in tasks if not _is_scheduled(t.dispatched[0]["main"])]
+    tasks = [t for t in tasks if not is_scheduled(t.dispatched[0]["main"])]
     return sorted(tasks, key=lambda t: -_flops(t) * t.weight)
-
-
-def _is_scheduled(func) -> bool:
-    attrs = getattr(func, "attrs", None)
-    return bool(attrs is not None and SCHEDULED_ATTR in attrs and bool(attrs[SCHEDULED_ATTR]))
 
 
 def _flops(task) -> float:
@@ -739,7 +734,7 @@ def apply_database(mod: "tvm.IRModule", tvm_target: "tvm.target.Target | Mapping
     database = _open_database(directory, create=False)
     if database is None:
         return mod, 0
-    before = {gv.name_hint: _is_scheduled(f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    before = {gv.name_hint: is_scheduled(f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     try:
         with ms_target, database:
             result = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
@@ -752,7 +747,7 @@ def apply_database(mod: "tvm.IRModule", tvm_target: "tvm.target.Target | Mapping
         original = mod[gv.name_hint] if gv.name_hint in before else None
         if original is not None and func.same_as(original):
             continue
-        if not _is_scheduled(func):
+        if not is_scheduled(func):
             result[gv] = func.with_attr(SCHEDULED_ATTR, True)
         applied += 1
     return result, applied
