@@ -4,7 +4,6 @@ and, in the cross tier, on arm64 / riscv64 / riscv64-rvv under qemu."""
 
 import collections
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +87,9 @@ def test_every_kernel_gets_a_rule_and_convs_are_parallel_and_vectorized(zoo, tar
         text = func.script()
         assert "T.parallel" in text and "T.vectorized" in text, name
     assert "Fallback" not in rules, rules
+    # ConvLike declines a function with more than one reduction (softmax: max, then sum).
+    softmax = [f for name, f in funcs.items() if "softmax" in name]
+    assert softmax and all(str(f.attrs[cs.SCHEDULE_ATTR]) != "ConvLike" for f in softmax)
     # Parameters come from capabilities: AVX-512 or 128-bit NEON/RVV lanes, never target names.
     expected_lanes = {"arm64": 4, "riscv64-rvv": 4, "riscv64": 4}.get(target_name)
     if expected_lanes:
@@ -189,7 +191,8 @@ def test_cross_builds_match_eager_under_qemu(zoo, target_name):
     """fxopt.compile checks a cross build under qemu-user against eager and raises on mismatch."""
     compiled = fxopt.compile(zoo, (torch.randn(1, 3, 33, 33),), target=target_name)
     assert compiled.report.build["target"] == target_name
-    assert np.isfinite(compiled.expected_outputs[0].numpy()).all()
+    check = compiled.report.build["check"]
+    assert check["ok"] and "qemu" in check["ran"], check
 
 
 def test_weight_layouts_are_computed_with_numpy_not_compiled_kernels(zoo):
