@@ -1,4 +1,4 @@
-"""The ``fxopt`` command: build | check | passes | targets."""
+"""The ``fxopt`` command: build | plan | check | passes | targets."""
 
 from __future__ import annotations
 
@@ -146,12 +146,63 @@ def cmd_build(args: argparse.Namespace) -> int:
             log.info("calling .eval() on the model: a deployment build is for inference")
             model.eval()
         inputs = _random_inputs(shapes, dtypes, args.seed)
-    compiled = fxopt.compile(model, inputs, target=target, pipeline=args.pipeline, verify=args.verify,
+    pipeline = args.pipeline
+    if args.depth_plan:
+        from fxopt.depth import DepthPlan
+
+        plan = DepthPlan.load(args.depth_plan)  # a missing or malformed plan fails before any work
+        pipeline = plan.compile_pipeline(Path(args.depth_plan).resolve(), base=pipeline or target.pipeline, applied=False)
+    compiled = fxopt.compile(model, inputs, target=target, pipeline=pipeline, verify=args.verify,
                              leaf_modules=args.leaf, capture=args.capture, tune=tune)
     if saved:
         compiled.report.model = Path(args.model).name
     path = compiled.export(args.output, force=args.force)
     print(compiled.report.to_text())
+    print(f"wrote {path}")
+    return 0
+
+
+def load_tensor(path: str, what: str):
+    """A tensor from a .npy file or a torch.save'd .pt file."""
+    import numpy as np
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{what} {path} does not exist: give a .npy or .pt file holding a batch of inputs")
+    try:
+        if file.suffix == ".npy":
+            return torch.from_numpy(np.load(file))
+        value = torch.load(file, weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{what} {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{what} {path} holds a {type(value).__name__}, not a tensor")
+    return value
+
+
+def cmd_plan_depth(args: argparse.Namespace) -> int:
+    from fxopt.depth import plan_depth
+    from fxopt.targets import get_target
+
+    target = get_target(args.target)
+    if (args.speedup is None) == (args.budget_ms is None):
+        raise InputError("give one of --speedup (e.g. 1.5) or --budget-ms")
+    shapes = [parse_shape(s) for s in args.input_shape]
+    if not shapes:
+        raise InputError("give the shape of the example input with --input-shape (e.g. --input-shape 1x3x224x224)")
+    calibration = load_tensor(args.calib, "--calib") if args.calib else None
+    model = build_model(args.model).eval()
+    inputs = _random_inputs(shapes, ["float32"] * len(shapes), args.seed)
+    plan = plan_depth(model, inputs, target, speedup=args.speedup,
+                      budget=args.budget_ms / 1e3 if args.budget_ms is not None else None,
+                      calibration=calibration, pipeline=args.pipeline or target.pipeline, max_kernel=args.max_kernel,
+                      max_span=args.max_span, log=log.info)
+    path = plan.save(args.output)
+    print(f"{plan.model} on {plan.target}: remove {len(plan.removed_activations)} activation(s), merge "
+          f"{len(plan.merges)} group(s) of {sum(len(m['convs']) for m in plan.merges)} convs; predicted "
+          f"{plan.predicted_speedup:.2f}x (measured baseline {plan.baseline * 1e3 if plan.unit == 's' else plan.baseline:.4g}"
+          f"{' ms' if plan.unit == 's' else ' instructions'}); calibration error {plan.calibration_error:.3g}")
     print(f"wrote {path}")
     return 0
 
@@ -222,9 +273,30 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--tune-db", default=None, metavar="DIR",
                        help="tuning database directory, reused across builds and models (default: tuning-db "
                             "beside the output directory); without --tune, its schedules are applied, nothing is tuned")
+    build.add_argument("--depth-plan", default=None, metavar="PLAN.json",
+                       help="apply a depth plan (`fxopt plan depth`): its activations removed, its conv groups merged")
     build.add_argument("-o", "--output", required=True, help="build directory to write")
     build.add_argument("--force", action="store_true", help="replace an existing directory that is not an fxopt build")
     build.set_defaults(func=cmd_build)
+
+    plan = sub.add_parser("plan", help="make a lossy plan (depth compression) to read, edit and build with")
+    plan_sub = plan.add_subparsers(dest="plan_kind", required=True)
+    depth = plan_sub.add_parser("depth", help="which activations to remove so that convs merge, for a latency goal "
+                                              "measured on the target")
+    depth.add_argument("model", metavar="MODEL", help="path/to/file.py:factory or package.module:factory")
+    depth.add_argument("--input-shape", action="append", default=[], metavar="1x3x224x224")
+    depth.add_argument("--target", default="host", help="target to measure on (see `fxopt targets`)")
+    goal = depth.add_mutually_exclusive_group()
+    goal.add_argument("--speedup", type=float, default=None, help="speedup goal over the measured optimized model")
+    goal.add_argument("--budget-ms", type=float, default=None, help="latency budget per run in milliseconds")
+    depth.add_argument("--calib", default=None, metavar="DATA",
+                       help="calibration batch (.npy or .pt) scoring what each removal costs (default: random inputs)")
+    depth.add_argument("--pipeline", default=None, help="pipeline before planning (default: the target's)")
+    depth.add_argument("--max-kernel", type=int, default=7, help="largest merged kernel (default 7)")
+    depth.add_argument("--max-span", type=int, default=8, help="most convs between two kept activations (default 8)")
+    depth.add_argument("--seed", type=int, default=0, help="seed of the random example input")
+    depth.add_argument("-o", "--output", required=True, help="plan JSON to write")
+    depth.set_defaults(func=cmd_plan_depth)
 
     check = sub.add_parser("check", help="run a build directory on its golden input and compare")
     check.add_argument("directory")

@@ -53,3 +53,46 @@ def small_cnn(seed: int = 0) -> SmallCNN:
     """SmallCNN with seeded weights and non-trivial BatchNorm statistics, as a trained model has."""
     torch.manual_seed(seed)
     return randomize_norm_stats(SmallCNN(), seed).eval()
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 project, each with BN; ReLU6 after
+    the first two; the input added back when the shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, expand: int = 4):
+        super().__init__()
+        hidden = c_in * expand
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class TinyMobileNetV2(nn.Module):
+    """A MobileNetV2-style network for small images (32x32): the structure depth compression
+    works on (fxopt plan depth), small enough to train in seconds on a CPU."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6(inplace=True)]
+        channels = width
+        for c_out, stride, repeat in ((width, 1, 1), (24, 2, 2), (32, 2, 3), (48, 2, 2), (64, 1, 1)):
+            for i in range(repeat):
+                layers.append(InvertedResidual(channels, c_out, stride if i == 0 else 1, expand=1 if channels == width and i == 0 and c_out == width else 4))
+                channels = c_out
+        layers += [nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def tiny_mobilenetv2(seed: int = 0) -> TinyMobileNetV2:
+    """TinyMobileNetV2 (1x32x32 inputs, 10 classes) with seeded weights and BN statistics."""
+    torch.manual_seed(seed)
+    return randomize_norm_stats(TinyMobileNetV2(), seed).eval()

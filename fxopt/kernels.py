@@ -246,12 +246,15 @@ def add(terms: list[AffineConv]) -> AffineConv | str:
     return AffineConv(weight, bias, first.stride, tuple(padding), dilation, groups)
 
 
+def group_count(conv: AffineConv) -> int:
+    """The largest of ``conv.groups`` (or 1) that its weight's block structure allows."""
+    return next(g for g in sorted(conv.groups | {1}, reverse=True) if grouped_weight(conv.weight, g) is not None)
+
+
 def to_conv(conv: AffineConv, dtype: torch.dtype) -> torch.nn.Conv2d:
     """An nn.Conv2d computing ``conv``, in the largest group count its block structure allows."""
-    for groups in sorted(conv.groups | {1}, reverse=True):
-        weight = grouped_weight(conv.weight, groups)
-        if weight is not None:
-            break
+    groups = group_count(conv)
+    weight = grouped_weight(conv.weight, groups)
     module = torch.nn.Conv2d(conv.weight.shape[1], conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                              conv.dilation, groups, bias=True, dtype=dtype)
     module.weight = torch.nn.Parameter(weight.to(dtype))

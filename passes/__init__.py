@@ -1,3 +1,3 @@
 """fxopt's passes, one module per pass family; importing this package registers them all."""
 
-from fxopt.passes import canonicalize, fold_affine, fold_bn, reparam  # noqa: F401
+from fxopt.passes import canonicalize, fold_affine, fold_bn, merge_convs, reparam  # noqa: F401

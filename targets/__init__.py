@@ -79,7 +79,7 @@ class Capabilities:
     vector_bits: int = 0  # widest SIMD register the target uses (512 for AVX-512); 0 = unknown
     fp16: bool = False  # native fp16 arithmetic
     sparse_kernels: bool = False  # fxopt's sparse conv/linear kernels exist for this target
-    preferred_layout: str = "NCHW"
+    preferred_layout: str = "NCHW"  # the layout the target's convs run in (the CPU pipeline converts to NHWC)
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector_bits, int) or self.vector_bits < 0:

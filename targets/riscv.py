@@ -14,7 +14,7 @@ RISCV64 = register_target(Target(
     name="riscv64",
     description="RISC-V RV64GC Linux (scalar); run under qemu-riscv64 here",
     tvm={"kind": "llvm", "mtriple": "riscv64-linux-gnu", "mabi": "lp64d", "mattr": _RV64GC},
-    capabilities=Capabilities(vector_bits=0),
+    capabilities=Capabilities(vector_bits=0, preferred_layout="NHWC"),
     toolchain="riscv64-linux-gnu-",
     runner="qemu",
 ))
@@ -22,7 +22,7 @@ RISCV64 = register_target(Target(
 RISCV64_RVV = register_target(RISCV64.derive(
     "riscv64-rvv", "RISC-V RV64GCV Linux with the vector extension, VLEN 128; run under qemu-riscv64",
     tvm={"mattr": [*_RV64GC, "+v"]},
-    capabilities=Capabilities(vector_bits=128),
+    capabilities=Capabilities(vector_bits=128, preferred_layout="NHWC"),
     qemu_cpu="rv64,v=true,vlen=128,vext_spec=v1.0",
 ))
 

@@ -157,3 +157,47 @@ def test_saved_exported_program_builds_and_checks(tmp_path, capsys):
 def test_input_shape_is_required_for_a_factory(tmp_path, capsys):
     code, _, err = run_cli(capsys, "build", "fxopt.examples:small_cnn", "-o", str(tmp_path / "o"))
     assert code == 2 and "give the shape of each example input with --input-shape" in err
+
+
+TINY = ["fxopt.examples:tiny_mobilenetv2", "--input-shape", "1x1x32x32"]
+
+
+def _hand_written_plan(path, conv_shapes=None):
+    """A plan as a user would edit one: the expand conv's ReLU6 of block 4 removed, that conv
+    merged with the depthwise conv after it (inner padding moved onto the 1x1 conv's input)."""
+    plan = {
+        "format": "fxopt-depth-plan/1", "model": "TinyMobileNetV2", "target": "host", "input_shapes": [[1, 1, 32, 32]],
+        "unit": "s", "baseline": 1e-3, "remainder": 0.0, "budget": 1e-3, "predicted": 1e-3,
+        "removed_activations": [{"after": "features.4.body.0", "op": "relu6"}],
+        "merges": [{"convs": ["features.4.body.0", "features.4.body.3"], "kernel": [3, 3], "stride": [2, 2],
+                    "padding": "moved"}],
+        "conv_shapes": conv_shapes or {"features.4.body.0": [64, 16, 1, 1], "features.4.body.3": [64, 1, 3, 3]},
+    }
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_build_with_a_depth_plan_merges_its_group(tmp_path, capsys):
+    plan = _hand_written_plan(tmp_path / "plan.json")
+    code, out, err = run_cli(capsys, "build", *TINY, "--depth-plan", str(plan), "-o", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "apply_depth_plan (lossy)" in out and "activations_removed=1" in out
+    assert "merged_groups=1" in out and "merged_convs=2" in out
+    assert "verification vs eager: ok" in out  # against the planned model, which the plan made the reference
+
+
+def test_depth_plan_that_does_not_fit_is_a_clear_error(tmp_path, capsys):
+    plan = _hand_written_plan(tmp_path / "plan.json", {"features.4.body.0": [32, 16, 1, 1]})
+    code, _, err = run_cli(capsys, "build", *TINY, "--depth-plan", str(plan), "-o", str(tmp_path / "b"))
+    assert code == 2 and "does not fit" in err and "features.4.body.0" in err
+    code, _, err = run_cli(capsys, "build", *TINY, "--depth-plan", str(tmp_path / "missing.json"), "-o", str(tmp_path / "b"))
+    assert code == 2 and "does not exist" in err and not (tmp_path / "b").exists()
+
+
+def test_plan_depth_needs_a_goal_and_readable_calibration(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plan", "depth", *TINY, "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "--speedup" in err
+    code, _, err = run_cli(capsys, "plan", "depth", *TINY, "--speedup", "1.5", "--calib", str(tmp_path / "none.npy"),
+                           "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "--calib" in err and "does not exist" in err
+    assert not (tmp_path / "p.json").exists()
