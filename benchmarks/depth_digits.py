@@ -105,7 +105,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() if args.plans is None else _keep(args.plans) as scratch:
         for goal in args.goals:
             started = time.perf_counter()
-            plan = plan_depth(model, example, "host", speedup=goal, calibration=x_train[:64])
+            try:
+                plan = plan_depth(model, example, "host", speedup=goal, calibration=x_train[:64])
+            except fxopt.InputError as exc:  # a goal beyond reach: the message says how far one gets
+                rows.append((goal, str(exc)))
+                print(f"goal {goal}: {exc}", flush=True)
+                continue
             path = plan.save(Path(scratch) / f"plan_{goal}.json")
             planned = apply_depth_plan(model, plan, example)
             planned_acc = accuracy(planned, x_test, y_test)
@@ -121,7 +126,11 @@ def main() -> None:
           f"{base_ms:.4f} ms compiled (median)")
     print(f"{'goal':>5} {'acts removed':>12} {'merges':>6} {'predicted':>9} {'measured':>8} "
           f"{'acc planned':>11} {'acc distilled':>13} {'Δacc':>6} {'ms':>8}")
-    for goal, removed, merges, predicted, measured, planned_acc, tuned_acc, ms, _ in rows:
+    for row in rows:
+        if len(row) == 2:
+            print(f"{row[0]:>5.2f}  not reachable: {row[1].split(': ', 1)[-1]}")
+            continue
+        goal, removed, merges, predicted, measured, planned_acc, tuned_acc, ms, _ = row
         print(f"{goal:>5.2f} {removed:>12} {merges:>6} {predicted:>8.2f}x {measured:>7.2f}x "
               f"{planned_acc:>10.2f}% {tuned_acc:>12.2f}% {tuned_acc - base_acc:>+6.2f} {ms:>8.4f}")
 

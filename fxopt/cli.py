@@ -199,6 +199,8 @@ def cmd_plan_depth(args: argparse.Namespace) -> int:
                       calibration=calibration, pipeline=args.pipeline or target.pipeline, max_kernel=args.max_kernel,
                       max_span=args.max_span, log=log.info)
     path = plan.save(args.output)
+    for note in plan.notes:
+        print(f"note: {note}")
     print(f"{plan.model} on {plan.target}: remove {len(plan.removed_activations)} activation(s), merge "
           f"{len(plan.merges)} group(s) of {sum(len(m['convs']) for m in plan.merges)} convs; predicted "
           f"{plan.predicted_speedup:.2f}x (measured baseline {plan.baseline * 1e3 if plan.unit == 's' else plan.baseline:.4g}"

@@ -61,6 +61,7 @@ class DepthPlan:
     segments: list[dict] = field(default_factory=list)  # {"convs": [first, last], "cost": T_opt, "damage": D}
     conv_shapes: dict[str, list[int]] = field(default_factory=dict)  # weight shapes of the convs named above
     calibration_error: float | None = None  # relative squared output error of the planned model
+    notes: list[str] = field(default_factory=list)  # what makes the figures less reliable
     format: str = FORMAT
 
     @property
@@ -173,15 +174,21 @@ def solve(n: int, segments: dict[tuple[int, int], tuple[float, float]], budget: 
     """
     if budget < 0:
         return None
-    unit = budget / precision if budget > 0 else 1.0
+    precision = max(int(precision), 0)
+    unit = budget / precision if precision else math.inf
     size = precision + 1
     best = np.full((n + 1, size), np.inf)  # best[b, t]: least damage covering [0, b) at cost t units
     best[0, 0] = 0.0
     choice: dict[tuple[int, int], tuple[int, int]] = {}
     by_end: dict[int, list] = {}
     for (a, b), (cost, damage) in segments.items():
-        if math.isfinite(cost):
-            by_end.setdefault(b, []).append((a, int(math.ceil(cost / unit - 1e-9)), damage))
+        if cost <= 0:
+            units = 0
+        elif budget > 0 and math.isfinite(cost):
+            units = int(math.ceil(cost / unit - 1e-9))
+        else:
+            continue  # costs something, and nothing is left to spend
+        by_end.setdefault(b, []).append((a, units, damage))
     for b in range(1, n + 1):
         for a, units, damage in by_end.get(b, []):
             if units >= size:
@@ -279,6 +286,13 @@ def plan_depth(
     n = len(chain)
     singles = [cost_of(chain.group(k, k + 1), frozenset()) for k in range(n)]
     remainder = baseline.value - sum(singles)
+    notes = []
+    if remainder < 0:
+        notes.append(f"the convs measured one by one cost {_shown(sum(singles), baseline.unit)}, more than the whole "
+                     f"model ({_shown(baseline.value, baseline.unit)}): the measurements are noisy (a busy machine?), "
+                     "so the predicted latency is not reliable; measure again when the machine is quiet "
+                     "(measure_options={'cache': False}, or clear ~/.cache/fxopt/measure)")
+        say(notes[-1])
     segments, partitions = {}, {}
     started = time.perf_counter()
     for a in range(n):
@@ -307,6 +321,7 @@ def plan_depth(
                          "ask for less, or raise max_kernel / max_span")
     plan = _plan(model_name(model), target, inputs, baseline, remainder, goal, chain, solution, segments, partitions)
     plan.calibration_error = _relative_error(_outputs(gm, calib), _outputs(_planned(gm, plan), calib))
+    plan.notes = notes
     return plan
 
 

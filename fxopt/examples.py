@@ -87,6 +87,9 @@ class TinyMobileNetV2(nn.Module):
         layers += [nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU6(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):  # as MobileNetV2 is initialised: the signal keeps its scale
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

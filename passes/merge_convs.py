@@ -489,10 +489,11 @@ class MergeConvs(Pass):
 
     @staticmethod
     def _declines(chain: ConvChain, ctx: PassContext, start: int, stop: int, partition) -> None:
-        splits = {start + b for _, b in partition[:-1]}
-        for k in sorted(splits):
-            pair = chain.group(k - 1, k + 1)
-            reason = pair.reason or "measured: merged is slower on the target than separate"
+        """One decline per split of a run, with the reason the two groups beside it stay apart."""
+        for (a, k), (_, b) in zip(partition, partition[1:]):
+            a, k, b = start + a, start + k, start + b
+            pair, joined = chain.group(k - 1, k + 1), chain.group(a, b)
+            reason = pair.reason or joined.reason or "measured: merged is slower on the target than separate"
             ctx.decline("merge", chain.convs[k], f"'{chain.convs[k - 1].name}' → '{chain.convs[k].name}': {reason}")
 
 

@@ -47,3 +47,32 @@ def test_check_equivalent_uses_random_inputs_too():
     x = torch.randn(3)
     with pytest.raises(VerificationError, match=r"random inputs \(seed 1\)"):
         verify.check_equivalent(nn.Identity(), Sneaky(x), (x,))
+
+
+class _Cancelling(torch.nn.Module):
+    """(x + 1e4) - 1e4: float32 loses x's low bits (its own error ~5e-4), float64 does not."""
+
+    def forward(self, x):
+        return (x + 1e4) - 1e4
+
+
+class _Shifted(torch.nn.Module):
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x):
+        return x + self.shift
+
+
+def test_float64_arbitrates_float32_rounding_of_the_reference():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    assert not verify.compare_outputs(_Cancelling()(x), x, *verify.PASS_TOLERANCE).ok  # float32 alone says no
+    comparison = verify.check_equivalent(_Cancelling(), _Shifted(0.0), (x,))
+    assert comparison.ok and "rounding" in comparison.detail
+
+
+def test_float64_arbitration_still_catches_a_wrong_candidate():
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(VerificationError, match="outputs differ"):
+        verify.check_equivalent(_Cancelling(), _Shifted(1e-2), (x,))
