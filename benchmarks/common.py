@@ -10,6 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
+import fxopt.measure
+
 # pytorchcv model name -> module defining it (any other pytorchcv name goes through get_model)
 PYTORCHCV_MODULES = {
     "mobilenetv2_wd4": "pytorchcv.models.mobilenetv2",
@@ -103,3 +105,13 @@ def print_table(rows: list[list[str]]) -> None:
         print("  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def interleaved_ms(libraries: list, example, rounds: int) -> list[float]:
+    """Median ms per run of each library, timed in turns (``rounds`` rounds of 10 samples of
+    20 runs each), so that a slow spell of a shared machine hits every library alike."""
+    samples: list[list[float]] = [[] for _ in libraries]
+    for _ in range(rounds):
+        for library, collected in zip(libraries, samples):
+            collected.extend(fxopt.measure.measure_library(library, example, repeat=10, number=20, warmup=5).samples)
+    return [statistics.median(s) * 1e3 for s in samples]

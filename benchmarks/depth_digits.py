@@ -4,7 +4,7 @@ A MobileNetV2-style network (fxopt.examples.TinyMobileNetV2) is trained briefly 
 handwritten digits (8x8, upsampled to 32x32), then for each speedup goal: planned on the host
 (fxopt.depth.plan_depth, latency measured with fxopt.measure, damage scored on a training
 batch), applied, distilled from the original for a few epochs, merged and compiled. One table:
-accuracy before/after, predicted and measured compiled speedup (median of ``--repeat`` runs).
+accuracy before/after, predicted and measured compiled speedup (the builds timed in turns).
 
     .venv/bin/pip install scikit-learn
     .venv/bin/python benchmarks/depth_digits.py [--goals 1.3 1.5 2.0] [--epochs 15] [--distill-epochs 8]
@@ -27,7 +27,8 @@ import fxopt
 from fxopt.depth import apply_depth_plan, plan_depth
 from fxopt.examples import TinyMobileNetV2
 from fxopt.finetune import distill
-from fxopt.measure import measure_library
+
+from common import interleaved_ms
 
 
 def digits(seed: int = 0):
@@ -71,11 +72,6 @@ def train(model, x, y, epochs, seed) -> None:
     model.eval()
 
 
-def compiled_ms(model, example, pipeline, repeat) -> float:
-    compiled = fxopt.compile(model, example, "host", pipeline=pipeline)
-    return measure_library(compiled.library, example, repeat=repeat, number=20, warmup=5).value * 1e3
-
-
 @contextlib.contextmanager
 def _keep(directory: str):
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -87,7 +83,7 @@ def main() -> None:
     parser.add_argument("--goals", type=float, nargs="+", default=[1.3, 1.5, 2.0])
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the original")
     parser.add_argument("--distill-epochs", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=30, help="timing samples (each the mean of 20 runs)")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds over all builds (10 samples of 20 runs each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plans", default=None, help="directory to keep the plans in (default: a temporary one)")
     args = parser.parse_args()
@@ -100,7 +96,7 @@ def main() -> None:
     print(f"trained {args.epochs} epochs in {time.perf_counter() - started:.0f} s; "
           f"test accuracy {accuracy(model, x_test, y_test):.2f} %", flush=True)
     base_acc = accuracy(model, x_test, y_test)
-    base_ms = compiled_ms(model, example, "default", args.repeat)
+    libraries = [fxopt.compile(model, example, "host").library]
     rows = []
     with tempfile.TemporaryDirectory() if args.plans is None else _keep(args.plans) as scratch:
         for goal in args.goals:
@@ -118,10 +114,16 @@ def main() -> None:
             distill(student, model, loader(x_train, y_train, 64, args.seed), args.distill_epochs, lr=1e-3,
                     label_weight=1.0, progress=False)
             tuned_acc = accuracy(student, x_test, y_test)
-            ms = compiled_ms(student, example, plan.compile_pipeline(path), args.repeat)
-            rows.append((goal, len(plan.removed_activations), len(plan.merges), plan.predicted_speedup,
-                         base_ms / ms, planned_acc, tuned_acc, ms, time.perf_counter() - started))
+            libraries.append(fxopt.compile(student, example, "host", pipeline=plan.compile_pipeline(path)).library)
+            rows.append([goal, len(plan.removed_activations), len(plan.merges), plan.predicted_speedup,
+                         len(libraries) - 1, planned_acc, tuned_acc, None, time.perf_counter() - started])
             print(f"goal {goal}: done in {rows[-1][-1]:.0f} s", flush=True)
+    times = interleaved_ms(libraries, example, args.rounds)
+    base_ms = times[0]
+    for row in rows:
+        if len(row) > 2:
+            row[7] = times[row[4]]
+            row[4] = base_ms / row[7]
     print(f"\nTinyMobileNetV2 on digits (32x32), host; original: {base_acc:.2f} % test accuracy, "
           f"{base_ms:.4f} ms compiled (median)")
     print(f"{'goal':>5} {'acts removed':>12} {'merges':>6} {'predicted':>9} {'measured':>8} "

@@ -246,7 +246,8 @@ def plan_depth(
     ``calibration``: a batch of inputs (default: 8 seeded random inputs shaped like the
     examples); damage is the relative squared error of the output on it. ``importance``: a
     callable scoring a module (higher is better), used instead. ``max_span``: the most convs in
-    one segment between kept activations. ``measure_options`` go to ``fxopt.measure``.
+    one segment between kept activations. ``measure_options`` go to ``fxopt.measure`` (default
+    ``number=10``: each sample the mean of 10 runs).
     """
     from fxopt.api import model_name, optimize
     from fxopt.measure import measure
@@ -267,7 +268,8 @@ def plan_depth(
     chain = ConvChain(gm, max_kernel)
     if len(chain) < 2:
         raise InputError(f"{model_name(model)} has {len(chain)} conv(s) on its main path: nothing to merge")
-    options = dict(measure_options or {})
+    # samples of 10 runs each: one run of a small conv is a few microseconds, noisy alone
+    options = {"number": 10, **(measure_options or {})}
     baseline = measure(gm, inputs, target, **options)
     # A conv measured alone also pays for one call of the compiled module (argument checks, the
     # thread pool waking up), which it does not pay inside the model: measured once and taken off.

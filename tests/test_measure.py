@@ -3,6 +3,7 @@ and the one-line errors for options that cannot work. The RPC backend against a 
 servers is in tests/targets/test_rpc.py."""
 
 import json
+import os
 import socket
 
 import pytest
@@ -70,6 +71,20 @@ def test_measure_library_of_a_built_model():
     result = measure_library(lib, (X,), repeat=3, warmup=0, threads=1)
     assert isinstance(result, Measurement) and result.key is None and not result.cached
     assert result.backend == "local" and len(result.samples) == 3 and result.settings["threads"] == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads with Linux's /proc")
+def test_repeated_local_measurements_reuse_one_timing_thread():
+    """TVM never frees the thread pool of a thread that ended: a fresh timing thread per
+    measurement left its workers behind, and every later measurement ran slower."""
+    from fxopt.targets import tvm_backend
+
+    lib = tvm_backend.build(tvm_backend.lower(conv_net(), (X,)), "host")
+    measure_library(lib, (X,), repeat=1, warmup=0, threads=2)
+    threads = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        measure_library(lib, (X,), repeat=1, warmup=0, threads=2)
+    assert len(os.listdir("/proc/self/task")) == threads
 
 
 def test_default_backends_come_from_the_runner():
