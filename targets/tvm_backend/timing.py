@@ -32,7 +32,6 @@ from . import CompiledLibrary, _tvm
 __all__ = ["workload_digest", "time_local"]
 
 # TVM's ThreadGroup::AffinityMode values.
-_BIG_CORES = 1
 _ONE_CORE_PER_THREAD = -2
 _SHARE_ALL_CORES = -3
 
@@ -91,11 +90,8 @@ def time_local(lib: CompiledLibrary, inputs: Sequence[Any], *, repeat: int, numb
             outcome["samples"] = lib.time(*inputs, repeat=repeat, number=number)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = exc
-        finally:
-            try:
-                configure(_BIG_CORES, 0)  # later pools of other threads: TVM's default size again
-            except Exception:  # noqa: BLE001
-                pass
+        # (no reset to TVM's default afterwards: it would shrink this long-lived thread's pool,
+        # and a pool cannot grow again)
 
     _timing_thread(threads).submit(work).result()
     if "error" in outcome:
