@@ -291,9 +291,10 @@ def plan_depth(
     notes = []
     if remainder < 0:
         notes.append(f"the convs measured one by one cost {_shown(sum(singles), baseline.unit)}, more than the whole "
-                     f"model ({_shown(baseline.value, baseline.unit)}): the measurements are noisy (a busy machine?), "
-                     "so the predicted latency is not reliable; measure again when the machine is quiet "
-                     "(measure_options={'cache': False}, or clear ~/.cache/fxopt/measure)")
+                     f"model ({_shown(baseline.value, baseline.unit)}): a conv alone pays per-call costs that it does "
+                     "not pay inside the model, or the machine was busy; the predicted latency is less reliable "
+                     "(measured MobileNetV2 plans came out 5-10 % slower than predicted); on a busy machine, measure "
+                     "again when it is quiet (measure_options={'cache': False})")
         say(notes[-1])
     segments, partitions = {}, {}
     started = time.perf_counter()
