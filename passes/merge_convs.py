@@ -14,6 +14,7 @@ tensor inside it is read outside it, and the merged kernel stays within ``max_ke
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ class ConvChain:
             if kind == "conv":
                 conv = self.affine(node)
                 if paddings:
-                    conv = _with_padding(conv, paddings[convs.index(node)])
+                    conv = dataclasses.replace(conv, padding=paddings[convs.index(node)])
                 value = kernels.compose(values[node.args[0]], conv)
             elif kind == "activation":
                 value = values[node.args[0]]  # removed by the plan: the identity
@@ -283,10 +284,6 @@ def moved_paddings(convs: list[kernels.AffineConv]) -> list[tuple[int, int]]:
             total[d] += conv.padding[d] * scale[d]
             scale[d] *= conv.stride[d]
     return [tuple(total)] + [(0, 0)] * (len(convs) - 1)
-
-
-def _with_padding(conv: kernels.AffineConv, padding: tuple[int, int]) -> kernels.AffineConv:
-    return kernels.AffineConv(conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
 # ---------------------------------------------------------------------------------------------
