@@ -358,9 +358,9 @@ def _uses_var(sch: s_tir.Schedule, block, var) -> list[bool]:
 # rules
 
 
-class ConvLike(dlight.ScheduleRule):
-    """One reduction block with elementwise producers/epilogue: register-tiled, vectorized,
-    parallel. See the module docstring for the loop nest."""
+class _CpuRule(dlight.ScheduleRule):
+    """A rule reading the target's CpuScheduleParams; ``_apply`` returns the schedule, or None
+    when it does not apply. Any error inside it is a decline too: the next rule tries."""
 
     def __init__(self, params: CpuScheduleParams) -> None:
         self.params = params
@@ -371,8 +371,16 @@ class ConvLike(dlight.ScheduleRule):
         try:
             return self._apply(s_tir.Schedule(func))
         except Exception as exc:  # noqa: BLE001 - a rule declines, the next one tries
-            logger.debug("ConvLike declined: %s", exc)
+            logger.debug("%s declined: %s", type(self).__name__, exc)
             return None
+
+    def _apply(self, sch: s_tir.Schedule):
+        raise NotImplementedError
+
+
+class ConvLike(_CpuRule):
+    """One reduction block with elementwise producers/epilogue: register-tiled, vectorized,
+    parallel. See the module docstring for the loop nest."""
 
     def _apply(self, sch: s_tir.Schedule):
         blocks = _blocks(sch)
@@ -488,57 +496,37 @@ class ConvLike(dlight.ScheduleRule):
         return sch
 
 
-class Injective(dlight.ScheduleRule):
+class Injective(_CpuRule):
     """Functions of elementwise/injective blocks only: inline into the last, then vectorize and
     parallelize each block left."""
 
-    def __init__(self, params: CpuScheduleParams) -> None:
-        self.params = params
-
-    def apply(self, func, target, tunable):  # noqa: ARG002
-        if not isinstance(func, tirx.PrimFunc):
+    def _apply(self, sch: s_tir.Schedule):
+        blocks = _blocks(sch)
+        if not blocks or any(_is_reduction(sch, b) for b in blocks):
             return None
-        try:
-            sch = s_tir.Schedule(func)
-            blocks = _blocks(sch)
-            if not blocks or any(_is_reduction(sch, b) for b in blocks):
-                return None
-            for block in blocks[:-1]:
-                try:
-                    sch.compute_inline(block)
-                except Exception:  # noqa: BLE001
-                    pass
-            for block in _blocks(sch):
-                _vectorize_tail(sch, block, self.params.lanes, self.params.cores)
-            return sch
-        except Exception as exc:  # noqa: BLE001
-            logger.debug("Injective declined: %s", exc)
-            return None
+        for block in blocks[:-1]:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - a block that cannot inline stays a block
+                pass
+        for block in _blocks(sch):
+            _vectorize_tail(sch, block, self.params.lanes, self.params.cores)
+        return sch
 
 
-class Fallback(dlight.ScheduleRule):
-    """Any function: the outermost loop of each block parallel, the innermost vectorized when
-    its extent is a multiple of the vector width."""
+class Fallback(_CpuRule):
+    """Any function: the outermost loop of each block parallel, when it is data-parallel and
+    every loop of the block is a block iteration (nothing vectorized: LLVM may do that)."""
 
-    def __init__(self, params: CpuScheduleParams) -> None:
-        self.params = params
-
-    def apply(self, func, target, tunable):  # noqa: ARG002
-        if not isinstance(func, tirx.PrimFunc):
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            for block in _blocks(sch):
-                loops = sch.get_loops(block)
-                if not loops:
-                    continue
-                types = _iter_types(sch, block)
-                if types and types[0] == _DATA_PAR and len(loops) == len(types) and self.params.cores > 1:
-                    sch.parallel(loops[0])
-            return sch
-        except Exception as exc:  # noqa: BLE001
-            logger.debug("Fallback declined: %s", exc)
-            return None
+    def _apply(self, sch: s_tir.Schedule):
+        for block in _blocks(sch):
+            loops = sch.get_loops(block)
+            if not loops:
+                continue
+            types = _iter_types(sch, block)
+            if types and types[0] == _DATA_PAR and len(loops) == len(types) and self.params.cores > 1:
+                sch.parallel(loops[0])
+        return sch
 
 
 def rules(params: CpuScheduleParams) -> list:
