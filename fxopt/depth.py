@@ -264,7 +264,7 @@ def plan_depth(
     inputs = ir.as_input_tuple(example_inputs)
     optimized = optimize(model, inputs, pipeline, target=target)
     gm = optimized.module
-    calib = _calibration(model, inputs, calibration)
+    calib = _calibration(inputs, calibration)
     chain = ConvChain(gm, max_kernel)
     if len(chain) < 2:
         raise InputError(f"{model_name(model)} has {len(chain)} conv(s) on its main path: nothing to merge")
@@ -353,7 +353,7 @@ def _shown(value: float, unit: str) -> str:
     return f"{value * 1e3:.3f} ms" if unit == "s" else f"{value:,.0f} instructions"
 
 
-def _calibration(model: nn.Module, inputs: tuple[torch.Tensor, ...], calibration) -> tuple[torch.Tensor, ...]:
+def _calibration(inputs: tuple[torch.Tensor, ...], calibration) -> tuple[torch.Tensor, ...]:
     if calibration is None:
         generator = torch.Generator().manual_seed(0)
         return tuple(torch.randn((8, *t.shape[1:]), generator=generator).to(t.dtype) for t in inputs)

@@ -136,19 +136,25 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def conv_as_affine(conv: torch.nn.Conv2d) -> AffineConv | str:
-    """An nn.Conv2d as an AffineConv, or why it cannot be one."""
+def zero_padding(conv: torch.nn.Conv2d) -> tuple[int, int] | str:
+    """The symmetric zero padding of an nn.Conv2d ('valid' and odd 'same' resolved), or why it
+    has none."""
     if conv.padding_mode != "zeros":
         return f"padding_mode='{conv.padding_mode}' pads with other values than zeros"
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            padding = (0, 0)
-        elif all(((k - 1) * d) % 2 == 0 for k, d in zip(conv.kernel_size, conv.dilation)):
-            padding = tuple(((k - 1) * d) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
-        else:
-            return "padding='same' with an even kernel pads asymmetrically"
-    else:
-        padding = _pair(conv.padding)
+    if not isinstance(conv.padding, str):
+        return _pair(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    if all(((k - 1) * d) % 2 == 0 for k, d in zip(conv.kernel_size, conv.dilation)):
+        return tuple(((k - 1) * d) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return "padding='same' with an even kernel pads asymmetrically"
+
+
+def conv_as_affine(conv: torch.nn.Conv2d) -> AffineConv | str:
+    """An nn.Conv2d as an AffineConv, or why it cannot be one."""
+    padding = zero_padding(conv)
+    if isinstance(padding, str):
+        return padding
     weight = dense_weight(conv.weight.detach().double(), conv.groups)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
     return AffineConv(weight, bias, _pair(conv.stride), padding, _pair(conv.dilation), frozenset({conv.groups}))

@@ -244,13 +244,10 @@ def _spine(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _spine_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A Conv2d module call that kernels.conv_as_affine accepts (zero padding, not an even 'same')."""
+    """A Conv2d module call that kernels.conv_as_affine accepts (checked without its dense copy)."""
     if node.op != "call_module" or ir.op_key(node, gm) != "conv2d" or len(node.args) != 1 or node.kwargs:
         return False
-    conv = gm.get_submodule(node.target)
-    if conv.padding_mode != "zeros":
-        return False
-    return conv.padding != "same" or all(((k - 1) * d) % 2 == 0 for k, d in zip(conv.kernel_size, conv.dilation))
+    return not isinstance(kernels.zero_padding(gm.get_submodule(node.target)), str)
 
 
 def _skip_operand(add: fx.Node, previous: fx.Node) -> fx.Node | None:
