@@ -202,6 +202,9 @@ def compile(
     built = time.perf_counter()
     report = optimized.report
     report.build = {"target": resolved.name, "lower_s": round(lowered - start, 3), "build_s": round(built - lowered, 3)}
+    fusion = library.fusion
+    if fusion:  # CPU builds: what TVM's fusion made of the graph
+        report.build.update({k: v for k, v in fusion.items() if v or k != "unfused_epilogues"})
     if tune is not None:
         # build() leaves what tuning did (tuning.TuneSummary.to_json()) on the library; "database" is
         # the directory the user gave (the target's records are in its subdirectory "target_key").

@@ -319,6 +319,21 @@ def get_attr_value(gm: nn.Module, qualname: str) -> Any:
     return obj
 
 
+def delete_unused_attributes(gm: fx.GraphModule, qualnames: Iterable[str]) -> int:
+    """Delete the parameters and buffers among ``qualnames`` that no get_attr node reads and
+    no called module owns (its forward may read them); returns how many went."""
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    deleted = 0
+    for qualname in set(qualnames) - read:
+        owner, _, attr = qualname.rpartition(".")
+        if any(owner == c or owner.startswith(c + ".") for c in called) or not _has_attr_path(gm, qualname):
+            continue
+        delattr(gm.get_submodule(owner) if owner else gm, attr)
+        deleted += 1
+    return deleted
+
+
 def module_users(gm: fx.GraphModule, qualname: str) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == qualname]
 
@@ -512,6 +527,65 @@ def classify(node: fx.Node, gm: fx.GraphModule | None = None) -> OpForm | None:
         key, canonical, inplace = _METHODS[node.target]
         return _function_form(key, canonical, node.target, tuple(node.args), dict(node.kwargs), inplace)
     return None
+
+
+_NO_VALUE = object()
+
+
+def static_value(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """The value of a non-tensor node that depends only on static shapes (``x.shape[1] // 4``,
+    ``x.size(0)``), computed from node.meta; ``_NO_VALUE`` when it depends on data."""
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        shape = shape_of(node.args[0])
+        return shape if shape is not None else _NO_VALUE
+    if node.op == "call_method" and node.target in ("size", "dim") and isinstance(node.args[0], fx.Node):
+        shape = shape_of(node.args[0])
+        if shape is None:
+            return _NO_VALUE
+        return len(shape) if node.target == "dim" else shape if len(node.args) == 1 else shape[node.args[1]]
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        args = []
+        for arg in node.args:
+            value = static_value(arg, gm) if isinstance(arg, fx.Node) else arg
+            if value is _NO_VALUE:
+                return _NO_VALUE
+            args.append(value)
+        try:
+            return node.target(*args)
+        except Exception:  # noqa: BLE001 - not a static computation after all
+            return _NO_VALUE
+    return _NO_VALUE
+
+
+def has_static_value(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return static_value(node, gm) is not _NO_VALUE
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> bool:
+    """Graph.eliminate_dead_code that keeps in-place ops: fx counts ``acc.add_(w)`` as pure when
+    its result is unused, and would drop the write."""
+
+    def impure(node: fx.Node) -> bool:
+        if node.is_impure():
+            return True
+        form = classify(node, gm)
+        return (form is not None and form.inplace) or (
+            node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"))
+
+    return gm.graph.eliminate_dead_code(is_impure_node=impure)
+
+
+def mutated_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether some user of ``node`` writes into its storage (canonicalize keeps such ops where
+    functionalizing them would change results)."""
+    for user in node.users:
+        form = classify(user, gm)
+        if form is not None and form.inplace and user.args and user.args[0] is node:
+            return True
+        if user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__") \
+                and user.args and user.args[0] is node:
+            return True
+    return False
 
 
 def op_key(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:

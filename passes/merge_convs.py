@@ -407,7 +407,7 @@ def merge_groups(gm: fx.GraphModule, chain: ConvChain, groups: list[Group]) -> C
         stats["merged_convs"] += group.stop - group.start
         stats["residual_absorbed"] += sum(1 for n in group.nodes if chain.kinds.get(n) == "add")
     if stats:
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm)
         gm.delete_all_unused_submodules()
     return stats
 
@@ -554,5 +554,5 @@ def apply_plan(gm: fx.GraphModule, plan) -> Counter:
                 node.target = ir.add_module(gm, node.target + "_padded", moved)
             stats["paddings_moved"] += 1
     if stats:
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm)
     return stats

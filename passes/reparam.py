@@ -92,7 +92,7 @@ class FoldBranches(Pass):
                     break  # every term folded: the root is now the conv
                 terms, inner = _add_tree(root, gm)
         if stats:
-            gm.graph.eliminate_dead_code()
+            ir.eliminate_dead_code(gm)
             gm.delete_all_unused_submodules()
         return stats
 

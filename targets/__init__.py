@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 RUNNERS = ("native", "qemu", "rpc", "gpu")
+OFFLOAD_LIBRARIES = ("cublas", "cudnn", "cutlass")  # vendor libraries a CUDA target may hand ops to
 LAYOUTS = ("NCHW", "NHWC")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
@@ -113,6 +114,7 @@ class Target:
     cores: int | None = None  # cores of the device (threads the runner may use); None = all
     run_command: tuple[str, ...] = ()  # command prefix that runs the runner on the device (a board's ssh, say)
     base: str | None = None  # the target a preset or board file derives from
+    offload: tuple[str, ...] = ()  # CUDA: libraries that take the ops their patterns match, in order
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -139,6 +141,12 @@ class Target:
             raise TargetError(f"target {self.name!r}: cores must be a positive integer, got {self.cores!r}")
         if not isinstance(self.run_command, tuple) or not all(isinstance(a, str) for a in self.run_command):
             raise TargetError(f"target {self.name!r}: run_command must be a list of strings, got {self.run_command!r}")
+        if not isinstance(self.offload, tuple) or any(lib not in OFFLOAD_LIBRARIES for lib in self.offload):
+            raise TargetError(f"target {self.name!r}: offload must list libraries among "
+                              f"{', '.join(OFFLOAD_LIBRARIES)}, got {self.offload!r}")
+        if self.offload and self.tvm.get("kind") != "cuda":
+            raise TargetError(f"target {self.name!r}: offload to {', '.join(self.offload)} is for CUDA targets; "
+                              f"this one is {self.tvm.get('kind')}")
         if not self.library or "/" in self.library:
             raise TargetError(
                 f"target {self.name!r}: library must be a plain file name, got {self.library!r}"
@@ -166,6 +174,7 @@ class Target:
         data["tvm"] = copy.deepcopy(dict(self.tvm))
         data["capabilities"] = asdict(self.capabilities)
         data["run_command"] = list(self.run_command)
+        data["offload"] = list(self.offload)
         return data
 
     def derive(self, name: str, description: str, *, tvm: Mapping[str, Any] | None = None, **changes: Any) -> "Target":
@@ -180,8 +189,9 @@ class Target:
         caps = data.pop("capabilities", {}) or {}
         _reject_unknown("field(s)", data, cls)
         _reject_unknown("capabilities", caps, Capabilities)
-        if "run_command" in data:
-            data["run_command"] = tuple(data["run_command"])
+        for key in ("run_command", "offload"):
+            if key in data and isinstance(data[key], list):
+                data[key] = tuple(data[key])
         try:
             return cls(capabilities=Capabilities(**caps), **data)
         except TypeError as exc:  # a missing required field

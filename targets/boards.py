@@ -23,7 +23,7 @@ from fxopt.errors import TargetError
 from . import Capabilities, Target, get_target
 
 _ALLOWED = {"base", "name", "description", "tvm", "capabilities", "cores", "qemu_cpu", "run_command",
-            "toolchain", "runner", "pipeline", "schedule"}
+            "toolchain", "runner", "pipeline", "schedule", "offload"}
 
 
 def load_board(path: str | Path) -> Target:
@@ -56,8 +56,9 @@ def load_board(path: str | Path) -> Target:
         if not isinstance(caps, dict) or set(caps) - known:
             raise TargetError(f"board file {path}: [capabilities] accepts {', '.join(sorted(known))}, got {caps!r}")
         changes["capabilities"] = Capabilities(**{**base.capabilities.__dict__, **caps})
-    if "run_command" in changes:
-        changes["run_command"] = tuple(changes["run_command"]) if isinstance(changes["run_command"], list) else changes["run_command"]
+    for key in ("run_command", "offload"):
+        if isinstance(changes.get(key), list):
+            changes[key] = tuple(changes[key])
     try:
         return base.derive(name, description, tvm=tvm, **changes)
     except TargetError as exc:

@@ -18,6 +18,12 @@ CUDA = register_target(Target(
 
 register_target(CUDA.derive("cuda-sm90", "NVIDIA Hopper GPU (H100/H200) with CUDA, sm_90", tvm={"arch": "sm_90"}))
 
+register_target(CUDA.derive(
+    "cuda-offload",
+    "NVIDIA GPU, sm_80, with matmuls offloaded to cuBLAS and convs to cuDNN (needs a TVM built with them)",
+    offload=("cublas", "cudnn"),
+))
+
 register_target(Target(
     name="opencl",
     description="mobile GPU through OpenCL (Adreno, Mali): compiled and packaged here, run on the device",

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt import artifact
+from fxopt import artifact, spec
 from fxopt.errors import ArtifactError, InputError, SpecError, TargetError, TraceError
 from fxopt.examples import small_cnn
 from fxopt.testing import op_counts
@@ -20,7 +20,7 @@ def test_optimize_returns_a_verified_module():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in optimized.module.modules())
     torch.testing.assert_close(optimized.module(X), model(X), rtol=1e-4, atol=1e-5)
     assert optimized.report.verification["ok"]
-    assert optimized.report.pipeline == "canonicalize,fixpoint{max_iters=8}(fold_bn,fold_branches,fold_affine,fold_bn_before_conv)"
+    assert optimized.report.pipeline == spec.to_text(spec.resolve("default").spec())
     counts = op_counts(optimized.module)
     assert counts["conv2d"] == 4 and counts["add"] == counts["batch_norm"] == counts["dropout"] == 0
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the user's model is untouched

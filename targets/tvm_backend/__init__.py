@@ -463,11 +463,16 @@ def build(mod: "tvm.IRModule", target: Target | str, *, tune=None) -> "CompiledL
     # architecture from the current target.
     if tune is not None and kind != "llvm":
         raise TargetError(f"tuning is for CPU targets; target {target.name!r} is {kind}")
-    pipeline, tuning_log = {}, {}
+    offloaded = None
+    if target.offload:
+        from . import offload
+
+        mod, offloaded = offload.offload(mod, target.offload, target.name)
+    pipeline, tuning_log, fusion_log = {}, {}, {}
     if kind == "llvm" and target.schedule == "tvm":
         pipeline = {"relax_pipeline": relax.get_default_pipeline(tvm_target)}
     elif kind == "llvm":
-        pipeline = {"relax_pipeline": _cpu_pipeline(mod, target, tvm_target, tune, tuning_log)}
+        pipeline = {"relax_pipeline": _cpu_pipeline(mod, target, tvm_target, tune, tuning_log, fusion_log)}
     try:
         with tvm_target:
             executable = tvm.compile(_with_signature(mod, signature), target=tvm_target, **pipeline)
@@ -479,6 +484,8 @@ def build(mod: "tvm.IRModule", target: Target | str, *, tune=None) -> "CompiledL
         ) from exc
     library = CompiledLibrary(executable, target, signature, resolved=resolved)
     library.tuning = tuning_log or None
+    library.fusion = fusion_log["summary"].to_json() if "summary" in fusion_log else None
+    library.offloaded = dict(offloaded) if offloaded is not None else None
     return library
 
 
@@ -494,11 +501,30 @@ def schedule_params(target: Target):
     return CpuScheduleParams.from_capabilities(target.capabilities.vector_bits, target.arch, cores or 4)
 
 
-def _cpu_pipeline(mod, target: Target, tvm_target, tune, tuning_log: dict):
+def fusion_summary(mod: "tvm.IRModule", target: Target | str = "host"):
+    """The kernels a CPU build of ``mod`` would have (a :class:`.fusion.FusionSummary`: ops per
+    kernel, intermediate tensors, unfused epilogues), without scheduling or building."""
+    tvm = _tvm()
+    from . import cpu_schedules, fusion
+
+    target = get_target(target)
+    if target.tvm.get("kind") != "llvm":
+        raise TargetError(f"fusion_summary reads fxopt's CPU pipeline; target {target.name!r} is not a CPU target")
+    sink: dict = {}
+    tvm_target = tvm.target.Target(resolve_target(target))
+    inspect = fusion.inspect_pass(sink)
+    with tvm_target:
+        passes = cpu_schedules._fusion_passes(tvm_target, schedule_params(target), inspect)
+        tvm.transform.Sequential(passes[:passes.index(inspect) + 1])(mod)
+    return sink["summary"]
+
+
+def _cpu_pipeline(mod, target: Target, tvm_target, tune, tuning_log: dict, fusion_log: dict):
     """fxopt's CPU pipeline; with ``tune``, the kernels are tuned first (MetaSchedule, records
     kept in the database) and the database's schedules applied before the default rules.
-    ``tuning_log`` receives what tuning did (TuneSummary.to_json())."""
-    from . import cpu_schedules
+    ``tuning_log`` receives what tuning did (TuneSummary.to_json()), ``fusion_log`` the kernels
+    fusion made (fusion.FusionSummary under "summary")."""
+    from . import cpu_schedules, fusion
 
     params = schedule_params(target)
     tuned = None
@@ -519,7 +545,7 @@ def _cpu_pipeline(mod, target: Target, tvm_target, tune, tuning_log: dict):
 
         tuned = apply_tuned
 
-    return cpu_schedules.relax_pipeline(tvm_target, params, tuned=tuned)
+    return cpu_schedules.relax_pipeline(tvm_target, params, tuned=tuned, inspect=fusion.inspect_pass(fusion_log))
 
 
 def tvm_module_pass(name: str):
@@ -661,6 +687,8 @@ class CompiledLibrary:
         self.resolved_target = dict(resolved) if resolved is not None else None
         self.path = path
         self.tuning: dict | None = None  # what tuning did for this build (TuneSummary.to_json())
+        self.fusion: dict | None = None  # the kernels fusion made (fusion.FusionSummary.to_json(); CPU builds)
+        self.offloaded: dict | None = None  # CUDA: subgraphs each vendor library took ({"cublas": 3})
         self._loaded = path is not None
         self._vm = None
         self._dev = None

@@ -586,9 +586,10 @@ def is_scheduled(func) -> bool:
     return bool(attrs is not None and SCHEDULED_ATTR in attrs and bool(attrs[SCHEDULED_ATTR]))
 
 
-def _fusion_passes(target, params: CpuScheduleParams) -> list:
+def _fusion_passes(target, params: CpuScheduleParams, inspect=None) -> list:
     """Everything before scheduling: dispatch -> layout (NHWC/HWIO, clip as min/max, constant
-    transposes) -> legalize (packed dense convs) -> fold constants -> fuse."""
+    transposes) -> legalize (packed dense convs) -> fold constants -> fuse. ``inspect`` (a
+    pass that reads the module) runs between FuseOps and FuseTIR."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return (
@@ -599,22 +600,23 @@ def _fusion_passes(target, params: CpuScheduleParams) -> list:
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
+            *([inspect] if inspect is not None else []),
             relax.transform.FuseTIR(),
         ]
     )
 
 
-def relax_pipeline(target, params: CpuScheduleParams, tuned=None):
+def relax_pipeline(target, params: CpuScheduleParams, tuned=None, inspect=None):
     """TVM's CPU pipeline with fxopt's layout, legalization and default schedules:
     :func:`_fusion_passes` -> ``tuned`` (a pass applying tuned schedules, optional) -> default
-    rules for every PrimFunc still unscheduled -> VM lowering."""
+    rules for every PrimFunc still unscheduled -> VM lowering. ``inspect``: see _fusion_passes."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="fxopt.CpuPipeline")
     def _pipeline(mod, _ctx):
         with target:
             passes = (
-                _fusion_passes(target, params)
+                _fusion_passes(target, params, inspect)
                 + ([tuned] if tuned is not None else [])
                 + [default_schedule_pass(params)]
                 + cpu.dataflow_lower_passes(target)

@@ -138,6 +138,7 @@ def test_to_json_is_plain_json_and_round_trips(scratch_target):
         "cores": None,
         "run_command": [],
         "base": None,
+        "offload": [],
     }
     assert Target.from_json(data) == scratch_target
     assert Target.from_json(get_target("host").to_json()) == get_target("host")
