@@ -82,7 +82,110 @@ def layout_passes() -> list:
     two transposes after every conv, so it is first rewritten as maximum/minimum, which have one.
     """
     return [_clip_as_min_max(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
-            _transpose_constants()]
+            _transpose_constants(), _channel_moves_in_nhwc(), relax.transform.DeadCodeElimination()]
+
+
+_TO_NCHW, _TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+# Ops that act on each element alone (a scalar constant second operand at most): any layout.
+_ELEMENTWISE_UNARY = {"relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu", "relax.exp",
+                      "relax.negative", "relax.maximum", "relax.minimum", "relax.multiply", "relax.add"}
+
+
+def _is_scalar_constant(expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1
+
+
+def _channel_moves_in_nhwc():
+    """Channel concat, split, gather (take), shuffle (reshape-transpose-reshape) and elementwise
+    ops between NHWC convs done in NHWC.
+
+    ConvertLayout has no rule for the shuffle's reshapes, so a ShuffleNet unit leaves the NHWC
+    region through a transpose before its concat and re-enters it through one transpose per
+    split output: 18% of ShuffleNetV2's time on the host. Each such op whose inputs are
+    NHWC→NCHW transposes gets an NHWC twin, a transpose back to NHWC of a value with a twin
+    reads the twin, and dead-code elimination removes what no one reads any more."""
+
+    def shape(expr) -> list[int] | None:
+        return _static_shape(expr)
+
+    @relax.expr_functor.mutator
+    class ChannelMovesInNhwc(relax.PyExprMutator):
+        def __init__(self):
+            super().__init__()
+            self.twin = {}  # NCHW var -> its NHWC value (a 5-D (N, H, W, A, B) for a split channel)
+            self.pieces = {}  # NCHW var of a channel concat -> the NHWC twins of its pieces
+            self.stacked = {}  # 5-D NCHW var (N, A, B, H, W) whose A pieces are those concatenated
+            self.bound = {}  # var -> the value bound to it
+
+        def visit_var_binding_(self, binding):
+            value, var = binding.value, binding.var
+            self.bound[var] = value
+            if isinstance(value, relax.TupleGetItem) and value.tuple_value in self.twin:
+                super().visit_var_binding_(binding)
+                self.twin[var] = self.builder_.emit(relax.TupleGetItem(self.twin[value.tuple_value], value.index))
+                return
+            name = getattr(getattr(value, "op", None), "name", None)
+            axes = [int(a) for a in value.attrs.axes] if name == "relax.permute_dims" and value.attrs.axes else None
+            if axes == _TO_NHWC and value.args[0] in self.twin:
+                # permute_dims(nchw, to NHWC) with an NHWC twin  =>  the twin
+                self.set_var_remap(var, self.twin[value.args[0]])
+                return
+            super().visit_var_binding_(binding)
+            if not isinstance(value, relax.Call):
+                return
+            if axes == _TO_NCHW and len(shape(value.args[0]) or ()) == 4:
+                self.twin[var] = self.visit_expr(value.args[0])
+                source = self.bound.get(value.args[0])
+                if getattr(getattr(source, "op", None), "name", None) == "relax.concat" \
+                        and int(source.attrs.axis) == 3 and isinstance(source.args[0], relax.Tuple):
+                    self.pieces[var] = [self.visit_expr(f) for f in source.args[0].fields]
+                return
+            twin = self._twin(name, value, var)
+            if twin is not None:
+                self.twin[var] = self.builder_.emit(twin)
+
+        def _twin(self, name, call, var):
+            """The NHWC form of ``var = call`` when its tensor input has a twin, else None."""
+            if name == "relax.concat":
+                fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
+                if fields is None or int(call.attrs.axis) != 1 or any(f not in self.twin for f in fields):
+                    return None
+                self.pieces[var] = [self.twin[f] for f in fields]
+                return relax.op.concat(self.pieces[var], axis=3)
+            if not call.args or call.args[0] not in self.twin:
+                return None
+            x, twin = call.args[0], self.twin[call.args[0]]
+            before, after = shape(x), shape(call) or []  # a split's result is a tuple: no shape
+            if before is None:
+                return None
+            if name == "relax.split" and int(call.attrs.axis) == 1 and len(before) == 4:
+                sections = call.attrs.indices_or_sections
+                sections = int(sections) if isinstance(sections, (int, tvm.tirx.IntImm)) else [int(i) for i in sections]
+                return relax.op.split(twin, sections, axis=3)
+            if name in _ELEMENTWISE_UNARY and (len(call.args) == 1 or _is_scalar_constant(call.args[1])):
+                return relax.Call(call.op, [twin, *call.args[1:]], call.attrs)
+            if name == "relax.take" and int(call.attrs.axis) == 1 and len(before) == 4:
+                return relax.op.take(twin, call.args[1], axis=3, mode=call.attrs.mode)
+            if name == "relax.reshape" and len(before) == 4 and len(after) == 5 \
+                    and (after[0], after[3], after[4]) == (before[0], before[2], before[3]):
+                # (N, C, H, W) -> (N, A, B, H, W)  ~  (N, H, W, C) -> (N, H, W, A, B)
+                pieces = self.pieces.get(x)
+                if pieces is not None and len(pieces) == after[1] and all(shape(p)[3] == after[2] for p in pieces):
+                    self.stacked[var] = pieces
+                return relax.op.reshape(twin, [after[0], after[3], after[4], after[1], after[2]])
+            if name == "relax.permute_dims" and len(before) == 5 and \
+                    [int(a) for a in call.attrs.axes] == [0, 2, 1, 3, 4]:
+                pieces = self.stacked.get(x)
+                if pieces is not None:
+                    # shuffle of concat(p_1..p_A), A groups of B: stack(p, axis=-1), no index arithmetic
+                    return relax.op.stack(pieces, axis=4)
+                return relax.op.permute_dims(twin, [0, 1, 2, 4, 3])
+            if name == "relax.reshape" and len(before) == 5 and len(after) == 4 \
+                    and (after[0], after[2], after[3]) == (before[0], before[3], before[4]):
+                return relax.op.reshape(twin, [after[0], after[2], after[3], after[1]])
+            return None
+
+    return _relax_function_pass(ChannelMovesInNhwc, "fxopt.ChannelMovesInNhwc")
 
 
 def _transpose_constants():

@@ -147,3 +147,53 @@ def test_offload_is_target_data():
         cuda.derive("x", "x", offload=("mkl",))
     with pytest.raises(TargetError, match="is for CUDA targets; this one is llvm"):
         get_target("host").derive("y", "y", offload=("cublas",))
+
+
+# --------------------------------------------------------------------------------------------
+# Channel moves stay in NHWC between the CPU pipeline's NHWC convs
+
+
+class ShuffleUnits(nn.Module):
+    """Two ShuffleNetV2 units: concat -> channel shuffle -> split, the halves read by a conv
+    and by the next unit's concat; and a gather (index_select) read by a conv."""
+
+    def __init__(self, channels=24):
+        super().__init__()
+        half = channels // 2
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+                                                    nn.Conv2d(half, half, 3, padding=1, groups=half))
+                                      for _ in range(2))
+        self.register_buffer("order", torch.randperm(channels))
+        self.head = nn.Conv2d(channels, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:
+            keep, work = x.chunk(2, 1)
+            x = torch.cat([keep, branch(work)], 1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(torch.relu(x).index_select(1, self.order))
+
+
+def _transpose_kernels(summary):
+    return [k.name for k in summary.kernels if all(fusion._op_name(op) == "transpose" for op in k.ops)]
+
+
+def test_shuffle_units_stay_in_nhwc_and_match_eager():
+    model, x = randomize_norm_stats(ShuffleUnits()).eval(), torch.randn(1, 3, 10, 10)
+    compiled = fxopt.compile(model, (x,), "host")  # checks the build against eager
+    summary = _summary(ShuffleUnits(), x)
+    # the model's input to NHWC and its output back: nothing in between
+    assert len(_transpose_kernels(summary)) == 2, [k.ops for k in summary.kernels]
+    assert any("stack" in op for k in summary.kernels for op in k.ops)  # shuffle of a concat: a stack
+    assert compiled.report.build["check"]["ok"]
+
+
+@pytest.mark.cross
+@pytest.mark.parametrize("target_name", ["arm64", "riscv64-rvv"])
+def test_shuffle_units_cross_builds_match_eager(target_name):
+    model = randomize_norm_stats(ShuffleUnits()).eval()
+    compiled = fxopt.compile(model, (torch.randn(1, 3, 10, 10),), target_name)
+    assert compiled.report.build["check"]["ok"]
