@@ -26,7 +26,6 @@ plan accepts explicitly, which fine-tuning absorbs. The plan is JSON a user can 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxopt import ir, kernels, spec
+from fxopt import ir, kernels, planfile, spec
 from fxopt.errors import InputError
 from fxopt.passes.merge_convs import ConvChain, Group, apply_plan, conv_cost_module, group_cost, optimal_partition
 
@@ -72,24 +71,11 @@ class DepthPlan:
         return {**asdict(self), "predicted_speedup": round(self.predicted_speedup, 4)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        temporary.replace(path)  # complete or absent
-        return path
+        return planfile.save(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "DepthPlan":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"depth plan {path} does not exist (write one with `fxopt plan depth`)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"depth plan {path} is not readable JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise InputError(f"depth plan {path}: 'format' must be {FORMAT!r} (a plan written by `fxopt plan depth`)")
+        data = planfile.load(path, "depth", FORMAT, "`fxopt plan depth`")
         data.pop("predicted_speedup", None)
         try:
             return cls(**data)
