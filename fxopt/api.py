@@ -150,6 +150,11 @@ class Compiled:
         }
         if self.report.build and self.report.build.get("tuning"):
             manifest["tuning"] = self.report.build["tuning"]
+        from fxopt import sparse_ops
+
+        sparse_layers = sparse_ops.sparse_layers(self.module)
+        if sparse_layers:  # their pattern and values are compiled in: a build is a snapshot
+            manifest["sparse_layers"] = {"note": sparse_ops.SNAPSHOT_NOTE, "layers": sparse_layers}
         return artifact.write(
             path, manifest=manifest, inputs=self.example_inputs, outputs=self.expected_outputs,
             write_payload=self._write_payload, report=self.report.to_json(), force=force,

@@ -400,6 +400,15 @@ _NOOP_MODULES = {nn.Identity: "identity", nn.Dropout: "dropout", nn.Dropout1d: "
                  nn.Dropout3d: "dropout", nn.AlphaDropout: "dropout", nn.FeatureAlphaDropout: "dropout"}
 
 
+_MODULE_FOR_KEY = {key: cls for cls, (key, _, _) in _STATELESS_MODULES.items()}
+
+
+def stateless_module(key: str) -> nn.Module:
+    """A default-constructed module computing the stateless op ``key`` (``"relu"`` -> nn.ReLU()):
+    stand-ins for measuring an op's cost."""
+    return _MODULE_FOR_KEY[key]()
+
+
 def _pool_kwargs(m: nn.Module, names: Iterable[str]) -> dict:
     return {name: getattr(m, name) for name in names}
 

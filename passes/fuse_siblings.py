@@ -193,7 +193,7 @@ class FuseSiblings(Pass):
 
         shape = ir.shape_of(group.source)
         example = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0))
-        activation = _activation_module(group.activation)
+        activation = ir.stateless_module(group.activation) if group.activation else nn.Identity()
         separate = _Separate(group.layers, activation)
         fused = _Fused(_fused_module(group.layers), [layer.weight.shape[0] for layer in group.layers],
                        group.channel_dim, activation)
@@ -231,13 +231,6 @@ class FuseSiblings(Pass):
                 offset += channels
         for node in (outputs if group.activation else []) + group.members:
             graph.erase_node(node)
-
-
-def _activation_module(key: str | None) -> nn.Module:
-    modules = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
-               "sigmoid": nn.Sigmoid, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "mish": nn.Mish,
-               "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "hardtanh": nn.Hardtanh}
-    return modules[key]() if key else nn.Identity()
 
 
 class _Separate(nn.Module):

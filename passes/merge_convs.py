@@ -342,17 +342,13 @@ def conv_cost_module(merged: kernels.AffineConv, activation: str | None, dtype: 
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
         conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
-    layers = [conv] if activation is None else [conv, _ACTIVATION_MODULES[activation]()]
+    layers = [conv] if activation is None else [conv, ir.stateless_module(activation)]
     return (_ChannelsLast(*layers) if channels_last else nn.Sequential(*layers)).eval()
 
 
 class _ChannelsLast(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-_ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh, "hardswish": nn.Hardswish,
-                       "silu": nn.SiLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "mish": nn.Mish}
 
 
 def linear_runs(chain: ConvChain, removed: frozenset[int] = frozenset()) -> list[tuple[int, int]]:

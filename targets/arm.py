@@ -4,13 +4,15 @@ extensions (fp16 arithmetic on Armv8.2 cores)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import Capabilities, Target, register_target
 
 ARM64 = register_target(Target(
     name="arm64",
     description="AArch64 Linux, NEON (generic Armv8-A); run under qemu-aarch64 here",
     tvm={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-    capabilities=Capabilities(vector_bits=128, preferred_layout="NHWC"),
+    capabilities=Capabilities(vector_bits=128, sparse_kernels=True, preferred_layout="NHWC"),
     toolchain="aarch64-linux-gnu-",
     runner="qemu",
 ))
@@ -19,5 +21,5 @@ for core, description in (("cortex-a76", "big core of 2019-2022 phones"), ("cort
     register_target(ARM64.derive(
         core, f"Arm {core} ({description}): AArch64 Armv8.2-A with NEON and fp16",
         tvm={"mcpu": core, "mattr": ["+neon", "+fullfp16"]},
-        capabilities=Capabilities(vector_bits=128, fp16=True, preferred_layout="NHWC"),
+        capabilities=replace(ARM64.capabilities, fp16=True),
     ))

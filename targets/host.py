@@ -47,7 +47,7 @@ def capabilities_from_flags(arch: str, flags: frozenset[str]) -> Capabilities:
         fp16 = "asimdhp" in flags
     else:
         bits, fp16 = 0, False
-    return Capabilities(vector_bits=bits, fp16=fp16, sparse_kernels=False, preferred_layout="NHWC")
+    return Capabilities(vector_bits=bits, fp16=fp16, sparse_kernels=True, preferred_layout="NHWC")
 
 
 HOST = register_target(

@@ -6,6 +6,8 @@ the VLEN the schedules may assume."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import Capabilities, Target, register_target
 
 _RV64GC = ["+m", "+a", "+f", "+d", "+c"]
@@ -14,7 +16,7 @@ RISCV64 = register_target(Target(
     name="riscv64",
     description="RISC-V RV64GC Linux (scalar); run under qemu-riscv64 here",
     tvm={"kind": "llvm", "mtriple": "riscv64-linux-gnu", "mabi": "lp64d", "mattr": _RV64GC},
-    capabilities=Capabilities(vector_bits=0, preferred_layout="NHWC"),
+    capabilities=Capabilities(vector_bits=0, sparse_kernels=True, preferred_layout="NHWC"),
     toolchain="riscv64-linux-gnu-",
     runner="qemu",
 ))
@@ -22,7 +24,7 @@ RISCV64 = register_target(Target(
 RISCV64_RVV = register_target(RISCV64.derive(
     "riscv64-rvv", "RISC-V RV64GCV Linux with the vector extension, VLEN 128; run under qemu-riscv64",
     tvm={"mattr": [*_RV64GC, "+v"]},
-    capabilities=Capabilities(vector_bits=128, preferred_layout="NHWC"),
+    capabilities=replace(RISCV64.capabilities, vector_bits=128),
     qemu_cpu="rv64,v=true,vlen=128,vext_spec=v1.0",
 ))
 
@@ -31,7 +33,7 @@ RISCV64_RVV = register_target(RISCV64.derive(
 register_target(RISCV64_RVV.derive(
     "spacemit-x60", "SpacemiT X60 class core (K1/M1 boards): RV64GCV with Zba/Zbb/Zbs, VLEN 256, 8 cores",
     tvm={"mattr": [*_RV64GC, "+v", "+zba", "+zbb", "+zbs"]},
-    capabilities=Capabilities(vector_bits=256),
+    capabilities=replace(RISCV64_RVV.capabilities, vector_bits=256),  # derived: keeps the NHWC layout
     qemu_cpu="rv64,v=true,vlen=256,vext_spec=v1.0,zba=true,zbb=true,zbs=true",
     cores=8,
 ))

@@ -183,7 +183,7 @@ def test_build_with_a_depth_plan_merges_its_group(tmp_path, capsys):
     assert code == 0, err
     assert "apply_depth_plan (lossy)" in out and "activations_removed=1" in out
     assert "merged_groups=1" in out and "merged_convs=2" in out
-    assert "verification vs eager: ok" in out  # against the planned model, which the plan made the reference
+    assert "verification vs the planned model: ok" in out  # the plan made the planned model the reference
 
 
 def test_depth_plan_that_does_not_fit_is_a_clear_error(tmp_path, capsys):

@@ -86,9 +86,10 @@ def test_named_pipelines():
     assert {"none", "default"} <= set(named)
     assert spec.resolve("none").spec() == []
     default = spec.resolve("default").spec()
-    # merge_convs is opt-in: it decides by measuring on the target, which would make every build
-    # slower and its result depend on timing noise; depth plans and pipelines ask for it
-    opt_in = {"merge_convs"}
+    # merge_convs and lower_sparse_weights are opt-in: they decide by measuring on the target, which
+    # would make every build slower and its result depend on timing noise; depth plans and
+    # pipelines ask for them
+    opt_in = {"merge_convs", "lower_sparse_weights"}
     builtin = {name for name, cls in registered_passes().items()
                if cls.__module__.startswith("fxopt.passes.") and cls.exact} - opt_in
     assert builtin <= _names(default), f"default pipeline misses exact passes {builtin - _names(default)}"

@@ -296,9 +296,9 @@ def lower(
 
     Parameters are bound as constants (``keep_params_as_input=False``), so ``main`` takes the
     example inputs only. ``custom_convert_map`` maps aten op names (``"my_op.default"``) to Relax
-    converters ``f(node, importer) -> relax.Var`` for ops the frontend does not know (fxopt's own
-    kernels). Raises BuildError naming the op, the fx node and its source line when the frontend
-    cannot convert it.
+    converters ``f(node, importer) -> relax.Var`` for ops the frontend does not know; fxopt's own
+    ops (the sparse kernels of :mod:`.sparse`) are always converted. Raises BuildError naming the
+    op, the fx node and its source line when the frontend cannot convert it.
     """
     _tvm()
     from tvm.relax.frontend.torch import from_exported_program
@@ -319,12 +319,12 @@ def lower(
                 "traceable for torch.export (no data-dependent Python control flow, tensor "
                 "inputs only), or compile a traced fxopt GraphModule instead"
             ) from exc
+        from . import sparse
+
+        # fxopt's own ops (sparse kernels read their pattern from ep), then the caller's
+        convert_map = {**sparse.converters(ep), **(custom_convert_map or {})}
         try:
-            return from_exported_program(
-                ep,
-                keep_params_as_input=False,
-                custom_convert_map=dict(custom_convert_map) if custom_convert_map else None,
-            )
+            return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=convert_map)
         except Exception as exc:  # noqa: BLE001 - the frontend raises AssertionError, ValueError...
             error = _frontend_error(name, ep, exc)
             # The failed importer's BlockBuilder is still open and referenced from the traceback;

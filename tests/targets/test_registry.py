@@ -223,3 +223,10 @@ def test_only_the_adapter_imports_tvm():
     }
     assert [str(p.relative_to(REPO)) for p in sorted(importers) if adapter not in p.parents] == []
     assert adapter / "cpu_schedules.py" in importers  # the check does see imports
+
+
+def test_presets_keep_their_base_capabilities():
+    """A preset changes what it names (vector width, fp16) and keeps the rest, the NHWC layout above all."""
+    for name, base in (("spacemit-x60", "riscv64-rvv"), ("riscv64-rvv", "riscv64"), ("cortex-a76", "arm64")):
+        preset, parent = get_target(name).capabilities, get_target(base).capabilities
+        assert (preset.preferred_layout, preset.sparse_kernels) == (parent.preferred_layout, parent.sparse_kernels)
