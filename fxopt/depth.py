@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 
 from fxopt import ir, kernels, planfile, spec
+from fxopt.calibration import calibration_batch, float64_outputs, relative_error
 from fxopt.errors import InputError
 from fxopt.passes.merge_convs import ConvChain, Group, apply_plan, conv_cost_module, group_cost, optimal_partition
 
@@ -250,7 +251,7 @@ def plan_depth(
     inputs = ir.as_input_tuple(example_inputs)
     optimized = optimize(model, inputs, pipeline, target=target)
     gm = optimized.module
-    calib = _calibration(inputs, calibration)
+    calib = calibration_batch(inputs, calibration)
     chain = ConvChain(gm, max_kernel)
     if len(chain) < 2:
         raise InputError(f"{model_name(model)} has {len(chain)} conv(s) on its main path: nothing to merge")
@@ -309,7 +310,8 @@ def plan_depth(
                          f"{shown} ({baseline.value / best:.2f}x the measured {_shown(baseline.value, baseline.unit)}); "
                          "ask for less, or raise max_kernel / max_span")
     plan = _plan(model_name(model), target, inputs, baseline, remainder, goal, chain, solution, segments, partitions)
-    plan.calibration_error = _relative_error(_outputs(gm, calib), _outputs(_planned(gm, plan), calib))
+    planned = _planned(gm, plan)
+    plan.calibration_error = relative_error(float64_outputs(gm, calib), float64_outputs(planned, calib))
     plan.notes = notes
     return plan
 
@@ -339,32 +341,6 @@ def _shown(value: float, unit: str) -> str:
     return f"{value * 1e3:.3f} ms" if unit == "s" else f"{value:,.0f} instructions"
 
 
-def _calibration(inputs: tuple[torch.Tensor, ...], calibration) -> tuple[torch.Tensor, ...]:
-    if calibration is None:
-        generator = torch.Generator().manual_seed(0)
-        return tuple(torch.randn((8, *t.shape[1:]), generator=generator).to(t.dtype) for t in inputs)
-    calib = ir.as_input_tuple(calibration)
-    for i, (c, t) in enumerate(zip(calib, inputs)):
-        if tuple(c.shape[1:]) != tuple(t.shape[1:]) or c.dtype != t.dtype:
-            raise InputError(f"calibration input {i} has shape {tuple(c.shape)} ({c.dtype}); the model's example input "
-                             f"is {tuple(t.shape)} ({t.dtype}): give a batch of the same per-sample shape and dtype")
-    if len(calib) != len(inputs):
-        raise InputError(f"calibration data has {len(calib)} input(s), the model takes {len(inputs)}")
-    return calib
-
-
-@torch.no_grad()
-def _outputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    out = module(*inputs)
-    return [t.double() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    num = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
-    den = sum(float(e.pow(2).sum()) for e in expected) or 1.0
-    return num / den
-
-
 def _without(gm: fx.GraphModule, activations: list[fx.Node]) -> fx.GraphModule:
     """A GraphModule sharing ``gm``'s modules whose graph skips ``activations`` (the identity)."""
     graph = copy.deepcopy(gm.graph)
@@ -378,8 +354,8 @@ def _without(gm: fx.GraphModule, activations: list[fx.Node]) -> fx.GraphModule:
 
 def _damage_table(gm, chain, segments, calib, importance, say) -> dict[tuple[int, int], float]:
     """D(a, b) for each segment: what removing its inner activations costs (see plan_depth)."""
-    score = importance or (lambda module: -_relative_error(reference, _outputs(module, calib)))
-    reference = _outputs(gm, calib)
+    score = importance or (lambda module: -relative_error(reference, float64_outputs(module, calib)))
+    reference = float64_outputs(gm, calib)
     base = score(gm) if importance is not None else 0.0
     damage, seen = {}, {}
     for (a, b) in segments:

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from fxopt import ir, planfile, spec
+from fxopt.calibration import calibration_batch, float64_outputs, relative_error
 from fxopt.errors import InputError
 from fxopt.pass_manager import PassContext, apply
 
@@ -252,8 +253,8 @@ def plan_prune(
     pruned = _pruned(gm, plan, inputs)
     plan.params = [ir.count_params(gm), ir.count_params(pruned)]
     plan.macs = [ir.count_macs(gm), ir.count_macs(pruned)]
-    calib = _calibration(inputs, calibration)
-    plan.calibration_error = _relative_error(_outputs(gm, calib), _outputs(pruned, calib))
+    calib = calibration_batch(inputs, calibration)
+    plan.calibration_error = relative_error(float64_outputs(gm, calib), float64_outputs(pruned, calib))
     return plan
 
 
@@ -328,29 +329,6 @@ def apply_prune_plan(
         apply(LowerZeroChannels(), gm, ctx)
     ir.propagate_shapes(gm, inputs)
     return gm
-
-
-def _calibration(inputs: tuple[torch.Tensor, ...], calibration) -> tuple[torch.Tensor, ...]:
-    if calibration is None:
-        generator = torch.Generator().manual_seed(0)
-        return tuple(torch.randn((8, *t.shape[1:]), generator=generator).to(t.dtype) for t in inputs)
-    calib = ir.as_input_tuple(calibration)
-    if len(calib) != len(inputs) or any(c.shape[1:] != t.shape[1:] for c, t in zip(calib, inputs)):
-        raise InputError(f"calibration inputs {[tuple(c.shape) for c in calib]} do not match the example inputs "
-                         f"{[tuple(t.shape) for t in inputs]} per sample: give a batch of the same per-sample shapes")
-    return calib
-
-
-@torch.no_grad()
-def _outputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    out = module(*inputs)
-    return [t.double() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    num = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
-    den = sum(float(e.pow(2).sum()) for e in expected) or 1.0
-    return num / den
 
 
 # ---------------------------------------------------------------------------------------------
