@@ -599,6 +599,46 @@ class ConvLike(_CpuRule):
         return sch
 
 
+class Transpose(_CpuRule):
+    """A lone layout transpose (the output is the input with its dims permuted, the innermost
+    one moved), as at an NCHW/NHWC boundary: tiled over the output's innermost dim and the
+    dim that is innermost in the input, so that reads and writes both stay in a tile that
+    fits the cache, and vectorized along the output's innermost dim."""
+
+    def _apply(self, sch: s_tir.Schedule):
+        blocks = _blocks(sch)
+        if len(blocks) != 1:
+            return None
+        block = blocks[0]
+        stmt = sch.get(block)
+        if len(stmt.reads) != 1 or len(stmt.writes) != 1 or _is_reduction(sch, block):
+            return None
+        variables = [iv.var for iv in stmt.iter_vars]
+        written = [r.min for r in stmt.writes[0].region]
+        read = [r.min for r in stmt.reads[0].region]
+        if len(written) != len(variables) or any(not w.same_as(v) for w, v in zip(written, variables)):
+            return None
+        if len(read) != len(variables) or not all(isinstance(r, tirx.Var) for r in read):
+            return None
+        order = [next((i for i, v in enumerate(variables) if v.same_as(r)), None) for r in read]
+        if None in order or sorted(order) != list(range(len(variables))) or order[-1] == len(variables) - 1:
+            return None
+        loops = sch.get_loops(block)
+        extents = [_extent(sch, lp) for lp in loops]
+        tile = self.params.lanes
+        across, along = order[-1], len(loops) - 1
+        if None in extents or extents[across] % tile or extents[along] % tile:
+            return None
+        across_outer, across_inner = sch.split(loops[across], [None, tile])
+        along_outer, along_inner = sch.split(loops[along], [None, tile])
+        outer = [lp for i, lp in enumerate(loops) if i not in (across, along)] + [across_outer, along_outer]
+        sch.reorder(*outer, across_inner, along_inner)
+        sch.vectorize(along_inner)
+        if self.params.cores > 1:
+            sch.parallel(sch.fuse(*outer))
+        return sch
+
+
 class Injective(_CpuRule):
     """Functions of elementwise/injective blocks only: inline into the last, then vectorize and
     parallelize each block left."""
@@ -636,6 +676,7 @@ def rules(params: CpuScheduleParams) -> list:
     """The ordered rule list: first that applies wins, fallback last."""
     return [
         ConvLike(params),
+        Transpose(params),
         Injective(params),
         dlight.cpu.Reduction(),
         dlight.cpu.GEMV(),

@@ -212,3 +212,26 @@ def test_weight_layouts_are_computed_with_numpy_not_compiled_kernels(zoo):
     with tvm.target.Target(tb.resolve_target("host")):
         legalized = tvm.relax.transform.LegalizeOps(customize_legalize_map=cs.legalize_map(params))(mod)
     assert not [gv for gv, _ in legalized.functions_items() if "weight_pack" in gv.name_hint]  # packed by numpy
+
+
+class LayoutTranspose(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.mark.parametrize("target_name", ["host", "riscv64-rvv"])
+def test_layout_transposes_are_tiled(target_name):
+    """A transpose whose innermost dim moves is tiled over both innermost dims (lanes x lanes)
+    and vectorized; one whose tile does not divide its dims is left to the injective rule."""
+    _, mod = _scheduled(LayoutTranspose().eval(), torch.randn(1, 32, 8, 16), target_name)
+    funcs = _prim_funcs(mod)
+    assert [str(f.attrs[cs.SCHEDULE_ATTR]) for f in funcs.values()] == ["Transpose"]
+    assert "T.vectorized" in next(iter(funcs.values())).script()
+    _, mod = _scheduled(LayoutTranspose().eval(), torch.randn(1, 30, 7, 7), target_name)
+    assert [str(f.attrs[cs.SCHEDULE_ATTR]) for f in _prim_funcs(mod).values()] == ["Injective"]
+
+
+def test_tiled_transpose_matches_eager():
+    x = torch.randn(2, 48, 16, 32)
+    compiled = fxopt.compile(LayoutTranspose().eval(), (x,), "host")
+    torch.testing.assert_close(torch.as_tensor(compiled.run(x)), LayoutTranspose()(x))
