@@ -600,43 +600,56 @@ class ConvLike(_CpuRule):
 
 
 class Transpose(_CpuRule):
-    """A lone layout transpose (the output is the input with its dims permuted, the innermost
-    one moved), as at an NCHW/NHWC boundary: tiled over the output's innermost dim and the
-    dim that is innermost in the input, so that reads and writes both stay in a tile that
-    fits the cache, and vectorized along the output's innermost dim."""
+    """A layout transpose (the output's innermost dim is not the one its input varies fastest
+    along), as at an NCHW/NHWC boundary, with any elementwise ops or reshapes fused into it:
+    after inlining, the loops are tiled over both of those dims (up to lanes x lanes), so that reads
+    and writes both stay in a tile that fits the cache, and vectorized along the output's
+    innermost dim. Any tiling computes the same values; this rule only picks which."""
 
     def _apply(self, sch: s_tir.Schedule):
         blocks = _blocks(sch)
-        if len(blocks) != 1:
+        if not blocks or any(_is_reduction(sch, b) for b in blocks):
             return None
-        block = blocks[0]
+        for block in blocks[:-1]:
+            sch.compute_inline(block)  # raises (the rule declines) when a block cannot inline
+        block = _blocks(sch)[0]
         stmt = sch.get(block)
-        if len(stmt.reads) != 1 or len(stmt.writes) != 1 or _is_reduction(sch, block):
-            return None
         variables = [iv.var for iv in stmt.iter_vars]
-        written = [r.min for r in stmt.writes[0].region]
-        read = [r.min for r in stmt.reads[0].region]
+        written = [r.min for r in stmt.writes[0].region] if len(stmt.writes) == 1 else []
         if len(written) != len(variables) or any(not w.same_as(v) for w, v in zip(written, variables)):
             return None
-        if len(read) != len(variables) or not all(isinstance(r, tirx.Var) for r in read):
-            return None
-        order = [next((i for i, v in enumerate(variables) if v.same_as(r)), None) for r in read]
-        if None in order or sorted(order) != list(range(len(variables))) or order[-1] == len(variables) - 1:
+        source = max(stmt.reads, key=lambda r: len(r.region), default=None)
+        fastest = _unit_stride_var(source.region[-1].min) if source is not None else None
+        across = next((i for i, v in enumerate(variables) if fastest is not None and v.same_as(fastest)), None)
+        if across is None or across == len(variables) - 1:
             return None
         loops = sch.get_loops(block)
         extents = [_extent(sch, lp) for lp in loops]
-        tile = self.params.lanes
-        across, along = order[-1], len(loops) - 1
-        if None in extents or extents[across] % tile or extents[along] % tile:
+        along = len(loops) - 1
+        if None in extents:
             return None
-        across_outer, across_inner = sch.split(loops[across], [None, tile])
-        along_outer, along_inner = sch.split(loops[along], [None, tile])
+        # the widest tiles that divide both dims (a 14x14 or 7x7 map still tiles by 7)
+        tiles = [_largest_divisor(extents[i], self.params.lanes) for i in (across, along)]
+        if min(tiles) < 4:
+            return None
+        across_outer, across_inner = sch.split(loops[across], [None, tiles[0]])
+        along_outer, along_inner = sch.split(loops[along], [None, tiles[1]])
         outer = [lp for i, lp in enumerate(loops) if i not in (across, along)] + [across_outer, along_outer]
         sch.reorder(*outer, across_inner, along_inner)
         sch.vectorize(along_inner)
         if self.params.cores > 1:
             sch.parallel(sch.fuse(*outer))
         return sch
+
+
+def _unit_stride_var(index):
+    """The variable an index moves with at stride 1: ``w`` in ``w``, ``h * 56 + w`` or, from an
+    inlined reshape, ``(c * 1024 + h * 32 + w) % 65536``."""
+    if isinstance(index, tirx.Var):
+        return index
+    if isinstance(index, (tirx.Add, tirx.FloorMod)):
+        return _unit_stride_var(index.b if isinstance(index, tirx.Add) else index.a)
+    return None
 
 
 class Injective(_CpuRule):
