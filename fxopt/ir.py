@@ -303,6 +303,27 @@ def add_module(gm: nn.Module, base_name: str, module: nn.Module) -> str:
     return candidate
 
 
+def add_buffer(gm: nn.Module, base_name: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` as a buffer of ``gm`` under a fresh name near ``base_name``; returns the name."""
+    candidate, i = base_name, 0
+    while _has_attr_path(gm, candidate):
+        i += 1
+        candidate = f"{base_name}_{i}"
+    gm.register_buffer(candidate, tensor)
+    return candidate
+
+
+def run_node(gm: fx.GraphModule, node: fx.Node, value_of: Callable[[fx.Node], Any]) -> Any:
+    """Run one call node eagerly, its node arguments replaced by ``value_of(arg)``."""
+    args, kwargs = fx.node.map_arg(node.args, value_of), fx.node.map_arg(node.kwargs, value_of)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    return gm.get_submodule(node.target)(*args, **kwargs)
+
+
 def _has_attr_path(gm: nn.Module, qualname: str) -> bool:
     obj: Any = gm
     for part in qualname.split("."):
@@ -401,6 +422,9 @@ _NOOP_MODULES = {nn.Identity: "identity", nn.Dropout: "dropout", nn.Dropout1d: "
 
 
 _MODULE_FOR_KEY = {key: cls for cls, (key, _, _) in _STATELESS_MODULES.items()}
+# Activations that act on each element alone: they commute with any channel gather or slice.
+ELEMENTWISE_ACTIVATIONS = frozenset({"relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "sigmoid", "silu",
+                                     "tanh", "gelu", "leaky_relu", "elu", "mish"})
 
 
 def stateless_module(key: str) -> nn.Module:
@@ -541,7 +565,7 @@ def classify(node: fx.Node, gm: fx.GraphModule | None = None) -> OpForm | None:
 _NO_VALUE = object()
 
 
-def static_value(node: fx.Node, gm: fx.GraphModule) -> Any:
+def static_value(node: fx.Node) -> Any:
     """The value of a non-tensor node that depends only on static shapes (``x.shape[1] // 4``,
     ``x.size(0)``), computed from node.meta; ``_NO_VALUE`` when it depends on data."""
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
@@ -555,7 +579,7 @@ def static_value(node: fx.Node, gm: fx.GraphModule) -> Any:
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
         args = []
         for arg in node.args:
-            value = static_value(arg, gm) if isinstance(arg, fx.Node) else arg
+            value = static_value(arg) if isinstance(arg, fx.Node) else arg
             if value is _NO_VALUE:
                 return _NO_VALUE
             args.append(value)
@@ -566,35 +590,29 @@ def static_value(node: fx.Node, gm: fx.GraphModule) -> Any:
     return _NO_VALUE
 
 
-def has_static_value(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return static_value(node, gm) is not _NO_VALUE
+def has_static_value(node: fx.Node) -> bool:
+    return static_value(node) is not _NO_VALUE
+
+
+def writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` writes into its first argument's storage (``x.add_(y)``, ``F.relu(x,
+    inplace=True)``, any ``x.method_()``)."""
+    form = classify(node, gm)
+    if form is not None and form.inplace:
+        return True
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     """Graph.eliminate_dead_code that keeps in-place ops: fx counts ``acc.add_(w)`` as pure when
     its result is unused, and would drop the write."""
-
-    def impure(node: fx.Node) -> bool:
-        if node.is_impure():
-            return True
-        form = classify(node, gm)
-        return (form is not None and form.inplace) or (
-            node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"))
-
-    return gm.graph.eliminate_dead_code(is_impure_node=impure)
+    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_in_place(n, gm))
 
 
 def mutated_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether some user of ``node`` writes into its storage (canonicalize keeps such ops where
     functionalizing them would change results)."""
-    for user in node.users:
-        form = classify(user, gm)
-        if form is not None and form.inplace and user.args and user.args[0] is node:
-            return True
-        if user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__") \
-                and user.args and user.args[0] is node:
-            return True
-    return False
+    return any(user.args and user.args[0] is node and writes_in_place(user, gm) for user in node.users)
 
 
 def op_key(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:

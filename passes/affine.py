@@ -145,10 +145,20 @@ def module_name(node: fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
-def with_weights(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    """A copy of ``layer`` (conv or linear) holding new weights; the original stays untouched,
-    since it may be called elsewhere or belong to the user's model."""
+def with_weights(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                 groups: int | None = None) -> nn.Module:
+    """A copy of ``layer`` (conv or linear) holding new weights, its channel counts read from
+    their shape (and its ``groups`` changed when given); ``bias`` None leaves the copy the
+    layer's own bias (none, for the layers that have none). The original stays untouched, since
+    it may be called elsewhere or belong to the user's model."""
     folded = copy.deepcopy(layer)
-    folded.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-    folded.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+    trainable = layer.weight.requires_grad
+    folded.weight = nn.Parameter(weight, requires_grad=trainable)
+    if bias is not None:
+        folded.bias = nn.Parameter(bias, requires_grad=trainable)
+    if isinstance(folded, nn.Linear):
+        folded.out_features, folded.in_features = weight.shape
+    else:
+        folded.groups = folded.groups if groups is None else groups
+        folded.out_channels, folded.in_channels = weight.shape[0], weight.shape[1] * folded.groups
     return folded

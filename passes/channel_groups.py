@@ -46,8 +46,7 @@ from fxopt import ir
 from fxopt.passes.affine import per_channel_constant
 
 CONVS = frozenset({"conv1d", "conv2d", "conv3d"})
-ELEMENTWISE = frozenset({"relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "sigmoid", "silu", "tanh", "mish",
-                         "gelu", "leaky_relu", "elu", "identity", "dropout"})
+ELEMENTWISE = ir.ELEMENTWISE_ACTIVATIONS | {"identity", "dropout"}
 BINARY = frozenset({"add", "sub", "mul", "div"})
 POOLS = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
                    "adaptive_avg_pool2d", "adaptive_max_pool2d"})

@@ -3,7 +3,6 @@ the conv that produces its input or the convs that read its output."""
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -13,16 +12,13 @@ from torch import fx, nn
 
 from fxopt import ir
 from fxopt.pass_manager import Pass, PassContext, register
-from fxopt.passes.affine import module_name
+from fxopt.passes.affine import module_name, with_weights
 
 # Data movement ops a gather chain may be made of (the probe below checks what they do).
 _MOVEMENT_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "chunk",
                      "split", "narrow", "index_select", "__getitem__"}
 _MOVEMENT_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.permute, torch.transpose, torch.chunk,
                        torch.split, torch.narrow, torch.index_select, operator.getitem}
-# Ops that act on each element alone: they commute with any channel gather.
-_ELEMENTWISE = {"relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "sigmoid", "silu", "tanh", "gelu",
-                "leaky_relu", "elu", "mish"}
 
 
 def _is_movement(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -38,7 +34,7 @@ def _chain(end: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]] | 
     ``end`` whose other tensor inputs are constants; None when ``end`` is not a movement op."""
     ops, current = [], end
     while _is_movement(current, gm):
-        tensors = [n for n in current.all_input_nodes if n.op != "get_attr" and not ir.has_static_value(n, gm)]
+        tensors = [n for n in current.all_input_nodes if n.op != "get_attr" and not ir.has_static_value(n)]
         if len(tensors) != 1:
             break
         ops.append(current)
@@ -62,17 +58,11 @@ def _probe(source: fx.Node, ops: list[fx.Node], gm: fx.GraphModule) -> torch.Ten
             return values[n]
         if n.op == "get_attr":
             return ir.get_attr_value(gm, n.target)
-        return probe if n is source else ir.static_value(n, gm)
+        return probe if n is source else ir.static_value(n)
 
     try:
         for op in ops:
-            args, kwargs = fx.node.map_arg(op.args, load), fx.node.map_arg(op.kwargs, load)
-            if op.op == "call_method":
-                values[op] = getattr(args[0], op.target)(*args[1:], **kwargs)
-            elif op.op == "call_function":
-                values[op] = op.target(*args, **kwargs)
-            else:
-                values[op] = gm.get_submodule(op.target)(*args, **kwargs)
+            values[op] = ir.run_node(gm, op, load)
     except Exception:  # noqa: BLE001 - an op the probe cannot replay: not a gather we know
         return None
     out = values[ops[-1]]
@@ -94,9 +84,9 @@ def _probe(source: fx.Node, ops: list[fx.Node], gm: fx.GraphModule) -> torch.Ten
     return index
 
 
-def _readers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
+def _readers(node: fx.Node) -> list[fx.Node]:
     """Users that read the values, not only the shape (``x.shape`` stays valid after a fold)."""
-    return [user for user in node.users if not ir.has_static_value(user, gm)]
+    return [user for user in node.users if not ir.has_static_value(user)]
 
 
 def _conv_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -113,20 +103,13 @@ def _conv_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     form = ir.classify(node, gm)
-    return form is not None and form.key in _ELEMENTWISE and not form.inplace and len(form.args) == 1
+    return form is not None and form.key in ir.ELEMENTWISE_ACTIVATIONS and not form.inplace and len(form.args) == 1
 
 
 def _replace_layer(gm: fx.GraphModule, node: fx.Node, layer: nn.Module, weight: torch.Tensor,
                    bias: torch.Tensor | None, suffix: str) -> fx.Node:
     """Swap the module ``node`` calls for a copy of ``layer`` with new weights."""
-    folded = copy.deepcopy(layer)
-    folded.weight = nn.Parameter(weight.contiguous(), requires_grad=layer.weight.requires_grad)
-    if bias is not None:
-        folded.bias = nn.Parameter(bias.contiguous(), requires_grad=layer.weight.requires_grad)
-    if isinstance(folded, nn.Conv2d):
-        folded.in_channels, folded.out_channels = weight.shape[1], weight.shape[0]
-    else:
-        folded.in_features, folded.out_features = weight.shape[1], weight.shape[0]
+    folded = with_weights(layer, weight.contiguous(), bias.contiguous() if bias is not None else None)
     node.target = ir.add_module(gm, module_name(node) + suffix, folded)
     return node
 
@@ -185,10 +168,10 @@ class FoldChannelPermutation(Pass):
                        index: torch.Tensor) -> bool:
         # walk up through elementwise ops read only by this chain
         between, producer = [], source
-        while _elementwise(gm, producer) and len(_readers(producer, gm)) == 1:
+        while _elementwise(gm, producer) and len(_readers(producer)) == 1:
             between.append(producer)
             producer = producer.args[0]
-        if any(len(_readers(n, gm)) != 1 for n in [producer, source, *ops[:-1]]):
+        if any(len(_readers(n)) != 1 for n in [producer, source, *ops[:-1]]):
             return False  # another reader needs the channels in their old order
         layer = _conv_layer(gm, producer)
         if layer is None or (isinstance(layer, nn.Linear) and len(ir.shape_of(source)) != 2):

@@ -58,7 +58,7 @@ class FoldConstantSubgraphs(Pass):
             elif node.op in ("call_function", "call_method", "call_module") and self._foldable(node, gm, values):
                 try:
                     with torch.no_grad():
-                        values[node] = self._evaluate(node, gm, values)
+                        values[node] = ir.run_node(gm, node, values.__getitem__)
                 except Exception as exc:  # noqa: BLE001 - the op's own error: leave it to run time
                     ctx.decline("constant_subgraph", node, f"evaluating it failed: {type(exc).__name__}: {exc}")
         frontier = [node for node in values if node.op != "get_attr"
@@ -74,8 +74,7 @@ class FoldConstantSubgraphs(Pass):
                 ctx.decline("constant_subgraph", node,
                             f"would store {size} bytes made from {leaves} bytes of constants")
                 continue
-            name = self._buffer_name(gm, node)
-            gm.register_buffer(name, value.detach().clone())
+            name = ir.add_buffer(gm, f"folded_{node.name}", value.detach().clone())
             with gm.graph.inserting_before(node):
                 constant = gm.graph.get_attr(name)
             constant.meta = dict(node.meta)
@@ -104,17 +103,6 @@ class FoldConstantSubgraphs(Pass):
         return form is None or not form.inplace
 
     @staticmethod
-    def _evaluate(node: fx.Node, gm: fx.GraphModule, values: dict):
-        args = fx.node.map_arg(node.args, lambda n: values[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
-        return gm.get_submodule(node.target)(*args, **kwargs)
-
-    @staticmethod
     def _leaf_bytes(node: fx.Node, values: dict) -> int:
         seen, stack, total = set(), [node], 0
         while stack:
@@ -128,12 +116,3 @@ class FoldConstantSubgraphs(Pass):
                     total += value.numel() * value.element_size()
             stack.extend(_inputs(current))
         return total
-
-    @staticmethod
-    def _buffer_name(gm: fx.GraphModule, node: fx.Node) -> str:
-        base, i = f"folded_{node.name}", 0
-        name = base
-        while hasattr(gm, name):
-            i += 1
-            name = f"{base}_{i}"
-        return name

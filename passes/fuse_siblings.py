@@ -16,9 +16,6 @@ from fxopt.passes.affine import module_name
 log = logging.getLogger(__name__)
 
 POLICIES = ("static", "measured", "always")
-# Activations that commute with a channel slice: act(narrow(y)) = narrow(act(y)).
-_ELEMENTWISE = {"relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "sigmoid", "silu", "tanh", "gelu",
-                "leaky_relu", "elu", "mish"}
 
 
 def _geometry(module: nn.Module) -> tuple | None:
@@ -144,7 +141,7 @@ class FuseSiblings(Pass):
         if any(u is None for u in users):
             return
         forms = [ir.classify(u, gm) for u in users]
-        if any(f is None or f.key not in _ELEMENTWISE or f.inplace for f in forms):
+        if any(f is None or f.key not in ir.ELEMENTWISE_ACTIVATIONS or f.inplace for f in forms):
             return
         if len({(f.key, tuple(sorted(f.kwargs.items()))) for f in forms}) == 1 and \
                 all(f.args == (m,) for f, m in zip(forms, group.members)):

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from fxopt import ir
 from fxopt.pass_manager import Pass, PassContext, PreconditionError, register
+from fxopt.passes.affine import with_weights
 from fxopt.passes.channel_groups import ChannelGroups, Unit, set_shape_entry
 
 
@@ -175,16 +176,9 @@ def _shrink_layer(gm, groups: ChannelGroups, node: fx.Node, wanted, values) -> t
                 bias = extra if bias is None else bias + extra
                 folded = 1
         weight = weight[:, _keep(in_mask)]
-    new = copy.deepcopy(layer)  # the original may belong to the user's model
-    new.weight = nn.Parameter(weight.clone(), requires_grad=layer.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
-    if isinstance(layer, nn.Linear):
-        new.out_features, new.in_features = weight.shape
-    else:
-        new.out_channels = weight.shape[0]
-        new.in_channels = int((~in_mask).sum())
-        new.groups = kept_groups if grouped else 1
+    # a copy: the original may belong to the user's model
+    new = with_weights(layer, weight.clone(), bias.to(layer.weight.dtype) if bias is not None else None,
+                       groups=None if isinstance(layer, nn.Linear) else kept_groups if grouped else 1)
     ir.set_module(gm, node.target, new)
     return 1, folded
 

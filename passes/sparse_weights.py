@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from torch import fx, nn
 from fxopt import ir, sparse_ops
 from fxopt.errors import SpecError
 from fxopt.pass_manager import Pass, PassContext, PreconditionError, register
-from fxopt.passes.affine import as_module, module_name
+from fxopt.passes.affine import as_module, module_name, replace_with_module
 
 DECIDE = ("measured", "density")
 _KNOWN_BLOCKS = {f"{r}x{c}": (r, c) for r, c in sparse_ops.BLOCK_SHAPES}
@@ -148,7 +149,7 @@ class LowerSparseWeights(Pass):
                                     "with example inputs (optimize() propagates shapes)")
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(tuple(shape), generator=generator, dtype=weight.dtype)
-        dense_module = _dense_copy(layer).eval()
+        dense_module = copy.deepcopy(layer).eval()
         dense = measure.measure(dense_module, (x,), target)
         unit = dense.unit
         best, best_cost = None, None
@@ -190,13 +191,7 @@ class LowerSparseWeights(Pass):
         if node.op == "call_module" and len(ir.module_users(gm, node.target)) == 1:
             ir.set_module(gm, node.target, module)
             return node
-        name = ir.add_module(gm, module_name(node) + "_sparse", module)
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(name, (source,))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
-        return replacement
+        return replace_with_module(gm, node, module, source, module_name(node) + "_sparse")
 
 
 def sparse_ops_module(rule: str, weight: torch.Tensor, bias: torch.Tensor | None, block) -> nn.Module:
@@ -204,10 +199,6 @@ def sparse_ops_module(rule: str, weight: torch.Tensor, bias: torch.Tensor | None
     return cls(weight.detach(), bias, block).eval()
 
 
-def _dense_copy(layer: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(layer)
 
 
 class _ChannelsLast(nn.Module):

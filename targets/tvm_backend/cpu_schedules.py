@@ -105,9 +105,6 @@ def _channel_moves_in_nhwc():
     NHWC→NCHW transposes gets an NHWC twin, a transpose back to NHWC of a value with a twin
     reads the twin, and dead-code elimination removes what no one reads any more."""
 
-    def shape(expr) -> list[int] | None:
-        return _static_shape(expr)
-
     @relax.expr_functor.mutator
     class ChannelMovesInNhwc(relax.PyExprMutator):
         def __init__(self):
@@ -133,7 +130,7 @@ def _channel_moves_in_nhwc():
             super().visit_var_binding_(binding)
             if not isinstance(value, relax.Call):
                 return
-            if axes == _TO_NCHW and len(shape(value.args[0]) or ()) == 4:
+            if axes == _TO_NCHW and len(_static_shape(value.args[0]) or ()) == 4:
                 self.twin[var] = self.visit_expr(value.args[0])
                 source = self.bound.get(value.args[0])
                 if getattr(getattr(source, "op", None), "name", None) == "relax.concat" \
@@ -155,7 +152,7 @@ def _channel_moves_in_nhwc():
             if not call.args or call.args[0] not in self.twin:
                 return None
             x, twin = call.args[0], self.twin[call.args[0]]
-            before, after = shape(x), shape(call) or []  # a split's result is a tuple: no shape
+            before, after = _static_shape(x), _static_shape(call) or []  # a split's result is a tuple: no shape
             if before is None:
                 return None
             if name == "relax.split" and int(call.attrs.axis) == 1 and len(before) == 4:
@@ -170,7 +167,8 @@ def _channel_moves_in_nhwc():
                     and (after[0], after[3], after[4]) == (before[0], before[2], before[3]):
                 # (N, C, H, W) -> (N, A, B, H, W)  ~  (N, H, W, C) -> (N, H, W, A, B)
                 pieces = self.pieces.get(x)
-                if pieces is not None and len(pieces) == after[1] and all(shape(p)[3] == after[2] for p in pieces):
+                if pieces is not None and len(pieces) == after[1] \
+                        and all(_static_shape(p)[3] == after[2] for p in pieces):
                     self.stacked[var] = pieces
                 return relax.op.reshape(twin, [after[0], after[3], after[4], after[1], after[2]])
             if name == "relax.permute_dims" and len(before) == 5 and \
