@@ -80,9 +80,35 @@ def layout_passes() -> list:
     (flatten, reshape) meets the NHWC region, normally once at the input and once before the
     classifier. ``clip`` (ReLU6, hard-swish) has no layout rule in TVM 0.27 and would sit between
     two transposes after every conv, so it is first rewritten as maximum/minimum, which have one.
+    Negative axes of expand_dims/squeeze (1-D pools) are made non-negative, which ConvertLayout needs.
     """
-    return [_clip_as_min_max(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+    return [_clip_as_min_max(), _nonnegative_axes(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
             _transpose_constants(), _channel_moves_in_nhwc(), relax.transform.DeadCodeElimination()]
+
+
+def _nonnegative_axes():
+    @relax.expr_functor.mutator
+    class NonnegativeAxes(relax.PyExprMutator):
+        # expand_dims(x, -2)  =>  expand_dims(x, ndim_out - 2)   (squeeze: ndim_in - 2)
+        # TVM 0.27's ConvertLayout dies with std::bad_alloc on a negative axis, and torch lowers
+        # every 1-D pool as expand_dims(x, -2) -> pool2d -> squeeze(-2)
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            name = getattr(call.op, "name", None)
+            if name not in ("relax.expand_dims", "relax.squeeze") or call.attrs.axis is None:
+                return call
+            axes = [int(a) for a in call.attrs.axis]
+            if min(axes) >= 0:
+                return call
+            ndim = call.args[0].ty.ndim
+            if ndim < 0:  # unknown rank: leave it
+                return call
+            rank = ndim + len(axes) if name == "relax.expand_dims" else ndim
+            fixed = [a + rank if a < 0 else a for a in axes]
+            op = relax.op.expand_dims if name == "relax.expand_dims" else relax.op.squeeze
+            return op(call.args[0], fixed)
+
+    return _relax_function_pass(NonnegativeAxes, "fxopt.NonnegativeAxes")
 
 
 _TO_NCHW, _TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]

@@ -235,3 +235,15 @@ def test_tiled_transpose_matches_eager():
     x = torch.randn(2, 48, 16, 32)
     compiled = fxopt.compile(LayoutTranspose().eval(), (x,), "host")
     torch.testing.assert_close(torch.as_tensor(compiled.run(x)), LayoutTranspose()(x))
+
+
+def test_one_dimensional_pools_build_and_match_eager():
+    """torch lowers a 1-D pool as expand_dims(x, -2) -> pool2d -> squeeze(-2); TVM's ConvertLayout
+    died with std::bad_alloc on the negative axis until the axes were made non-negative first."""
+    model = randomize_norm_stats(nn.Sequential(
+        nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2), nn.AvgPool1d(2),
+        nn.Conv1d(8, 8, 3, padding=1), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4)), seed=1).eval()
+    x = torch.randn(1, 3, 32)
+    compiled = fxopt.compile(model, (x,), target="host")
+    other = torch.randn(1, 3, 32)
+    torch.testing.assert_close(compiled.run(other), model(other), rtol=1e-4, atol=1e-5)
