@@ -600,6 +600,11 @@ def writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
     form = classify(node, gm)
     if form is not None and form.inplace:
         return True
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        # an ATen op the export capture left as it is (aten.copy_, aten.index_put_): its schema
+        # says whether it writes its first argument (``copy_(Tensor(a!) self, ...)``)
+        arguments = node.target._schema.arguments
+        return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
     return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
 
 

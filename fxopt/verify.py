@@ -85,8 +85,11 @@ def compare_outputs(expected: Any, actual: Any, rtol: float, atol: float) -> Com
                 problems.append(f"output {index}: integer values differ")
             continue
         e64, a64 = e.detach().double(), a.detach().double()
-        scale = float(e64.abs().max()) if e64.numel() else 0.0
-        error = float((a64 - e64).abs().max()) if e64.numel() else 0.0
+        # NaN/Inf outputs (from NaN/Inf weights) must match exactly (assert_close below checks
+        # that); the scale and the error are over the finite values, or atol would be NaN
+        finite = torch.isfinite(e64) & torch.isfinite(a64)
+        scale = float(e64[torch.isfinite(e64)].abs().max()) if torch.isfinite(e64).any() else 0.0
+        error = float((a64 - e64)[finite].abs().max()) if finite.any() else 0.0
         worst_abs = max(worst_abs, error)
         worst_rel = max(worst_rel, error / scale if scale > 0 else error)
         try:
@@ -149,9 +152,15 @@ def _arbitrate_in_float64(reference: nn.Module, inputs: Sequence[torch.Tensor], 
     for x, e, a in zip(exact_leaves, expected_leaves, actual_leaves):
         if not (isinstance(e, torch.Tensor) and e.dtype == torch.float32 and e.numel()):
             continue
-        x64 = x.detach().double()
-        reference_error = float((e.double() - x64).abs().max())
-        candidate_error = float((torch.as_tensor(a).double() - x64).abs().max())
+        x64, e64, a64 = x.detach().double(), e.double(), torch.as_tensor(a).double()
+        if not torch.equal(torch.isfinite(a64), torch.isfinite(e64)):
+            return failed  # NaN/Inf where the reference has a number (or the reverse) is no rounding
+        finite = torch.isfinite(x64) & torch.isfinite(e64)  # (a NaN error would compare as "within")
+        if not finite.any():
+            continue
+        x64, e64, a64 = x64[finite], e64[finite], a64[finite]
+        reference_error = float((e64 - x64).abs().max())
+        candidate_error = float((a64 - x64).abs().max())
         if candidate_error > ROUNDING_FACTOR * reference_error + atol * float(x64.abs().max()):
             return failed
     return Comparison(True, failed.max_abs_error, failed.max_rel_error,

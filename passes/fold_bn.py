@@ -126,7 +126,9 @@ class FoldBatchNormBeforeConv(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> Counter:
         stats: Counter = Counter()
-        for node in list(gm.graph.nodes):
+        worklist = list(gm.graph.nodes)
+        while worklist:
+            node = worklist.pop(0)
             key = ir.op_key(node, gm)
             if key not in ("conv1d", "conv2d", "conv3d", "linear") or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
@@ -137,17 +139,21 @@ class FoldBatchNormBeforeConv(Pass):
                 continue
             source, affine, kind = found
             rule = ("bn_" if kind == "batch_norm" else "affine_") + ("linear" if key == "linear" else "conv")
-            reason = self._fold(gm, node, producer, source, affine)
-            if reason:
-                ctx.decline(rule, node, reason)
+            folded = self._fold(gm, node, producer, source, affine)
+            if isinstance(folded, str):
+                ctx.decline(rule, node, folded)
             else:
                 stats[rule] += 1
+                # a chain of affine steps (x * s + t, BN after a scale) folds one step at a time:
+                # look at the folded conv again, so that one run folds the whole chain (fuzzer
+                # found: a second run still folded 'mul' after 'add' had been folded)
+                worklist.insert(0, folded)
         if stats:
             gm.delete_all_unused_submodules()
         return stats
 
     @staticmethod
-    def _fold(gm, node, producer, source, affine) -> str | None:
+    def _fold(gm, node, producer, source, affine) -> str | fx.Node:
         found = as_module(gm, node)
         if isinstance(found, str):
             return found
@@ -163,6 +169,6 @@ class FoldBatchNormBeforeConv(Pass):
             groups = layer.groups
         # conv(s ⊙ x + t) => conv(x; W ⊙ s, b + Σ W t)
         weight, bias = kernels.fold_affine_before(layer.weight, layer.bias, affine, groups)
-        replace_with_module(gm, node, with_weights(layer, weight, bias), source, module_name(node) + "_prescaled")
+        folded = replace_with_module(gm, node, with_weights(layer, weight, bias), source, module_name(node) + "_prescaled")
         gm.graph.erase_node(producer)
-        return None
+        return folded  # the reason it declines (a str) or the folded conv

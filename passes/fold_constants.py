@@ -23,6 +23,17 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
 
+def _written(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node``'s storage is written in place at run time: by a user, or through a view
+    of it. isqrtcovresnet18 (captured by torch.export) fills ``y = torch.zeros(...)`` with
+    ``y[:, i] = ...``: select(zeros) -> aten.copy_; folding zeros or the select as constants
+    dropped every write (outputs 100% wrong)."""
+    from fxopt.passes.canonicalize import _may_alias  # the view ops canonicalize's alias checks know
+
+    return ir.mutated_in_place(node, gm) or any(
+        user.args and user.args[0] is node and _may_alias(user, gm) and _written(user, gm) for user in node.users)
+
+
 @register
 @dataclass
 class FoldConstantSubgraphs(Pass):
@@ -78,6 +89,9 @@ class FoldConstantSubgraphs(Pass):
             with gm.graph.inserting_before(node):
                 constant = gm.graph.get_attr(name)
             constant.meta = dict(node.meta)
+            # a later frontier node that read this one now reads the buffer: _leaf_bytes walks
+            # into it (isqrtcovresnet18: a repeat used at run time and by a constant bmm)
+            values[constant] = value
             node.replace_all_uses_with(constant)
             stats["constant_subgraph"] += 1
         if stats:
@@ -90,7 +104,7 @@ class FoldConstantSubgraphs(Pass):
 
     @staticmethod
     def _foldable(node: fx.Node, gm: fx.GraphModule, values: dict) -> bool:
-        if any(arg not in values for arg in _inputs(node)) or node.is_impure() or ir.mutated_in_place(node, gm):
+        if any(arg not in values for arg in _inputs(node)) or node.is_impure() or _written(node, gm):
             return False
         if node.op == "call_function" and node.target in _RANDOM_FUNCTIONS:
             return False

@@ -454,20 +454,39 @@ class MergeConvs(Pass):
             from fxopt.depth import DepthPlan
 
             return merge_groups(gm, chain, DepthPlan.load(self.plan).groups_in(chain, exact=True))
-        chosen = []
-        for start, stop in linear_runs(chain):
-            cost = self._cost_function(chain, ctx, start)
-            total, partition = optimal_partition(stop - start, cost)
-            for a, b in partition:
-                chosen.append(chain.group(start + a, start + b))
-            self._declines(chain, ctx, start, stop, partition)
-        return merge_groups(gm, chain, chosen)
+        # Merging the spine's convs can make another path the longest (the other branch of a
+        # multi-branch block), which a second run would merge: repeat on the new spine, merging
+        # only convs this run has not made (so a merged conv is never merged again and the stats
+        # count original convs), until a round merges nothing. The first round's splits are the
+        # declines. (Fuzzer found: merge_convs was not idempotent on multi-branch blocks.)
+        stats: Counter = Counter()
+        made: set[str] = set()
+        while True:
+            names = {n.name for n in gm.graph.nodes}
+            chosen = []
+            for start, stop in linear_runs(chain):
+                cost = self._cost_function(chain, ctx, start, made)
+                total, partition = optimal_partition(stop - start, cost)
+                for a, b in partition:
+                    chosen.append(chain.group(start + a, start + b))
+                if not made:
+                    self._declines(chain, ctx, start, stop, partition)
+            merged = merge_groups(gm, chain, chosen)
+            stats.update(merged)
+            if not merged.get("merged_groups") or not ctx.example_inputs:
+                return stats
+            made |= {n.name for n in gm.graph.nodes} - names
+            ir.propagate_shapes(gm, ctx.example_inputs)
+            chain = ConvChain(gm, self.max_kernel)
 
-    def _cost_function(self, chain: ConvChain, ctx: PassContext, offset: int) -> Callable[[int, int], float]:
+    def _cost_function(self, chain: ConvChain, ctx: PassContext, offset: int,
+                       made: set[str] = frozenset()) -> Callable[[int, int], float]:
         def cost(a: int, b: int) -> float:
             group = chain.group(offset + a, offset + b)
             if not group.ok:
                 return math.inf
+            if b - a > 1 and any(chain.convs[offset + k].name in made for k in range(a, b)):
+                return math.inf  # merged by an earlier round of this run
             if self.policy == "all":
                 return 1.0  # fewest convs
             if ctx.target is None:

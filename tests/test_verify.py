@@ -76,3 +76,24 @@ def test_float64_arbitration_still_catches_a_wrong_candidate():
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     with pytest.raises(VerificationError, match="outputs differ"):
         verify.check_equivalent(_Cancelling(), _Shifted(1e-2), (x,))
+
+
+def test_nan_and_inf_outputs_compare_by_place():
+    """NaN/Inf weights (tests/test_bad_inputs.py): the scale and error are over the finite values
+    (a NaN scale made torch.testing raise inside compare_outputs); NaN/Inf must be in the same places."""
+    nan, inf = float("nan"), float("inf")
+    expected = torch.tensor([nan, inf, 2.0, -1.0])
+    assert verify.compare_outputs(expected, expected.clone(), 1e-4, 1e-5).ok
+    for wrong in ([nan, inf, 2.0, nan], [nan, -inf, 2.0, -1.0], [1.0, inf, 2.0, -1.0], [nan, inf, 2.5, -1.0]):
+        assert not verify.compare_outputs(expected, torch.tensor(wrong), 1e-4, 1e-5).ok, wrong
+
+
+def test_float64_arbitration_does_not_pass_a_nan():
+    """A candidate with NaN where the reference has numbers is not 'rounding' (NaN > bound is
+    False, so the float64 arbitration used to accept it)."""
+    class NanWhereBig(nn.Module):
+        def forward(self, x):
+            return x.masked_fill(x > 1, float("nan"))
+
+    with pytest.raises(VerificationError, match="outputs differ"):
+        verify.check_equivalent(nn.Identity(), NanWhereBig(), (torch.randn(4, 8) * 3,))

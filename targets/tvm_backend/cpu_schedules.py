@@ -81,8 +81,12 @@ def layout_passes() -> list:
     classifier. ``clip`` (ReLU6, hard-swish) has no layout rule in TVM 0.27 and would sit between
     two transposes after every conv, so it is first rewritten as maximum/minimum, which have one.
     Negative axes of expand_dims/squeeze (1-D pools) are made non-negative, which ConvertLayout needs.
+    conv3d is pinned to NCDHW: left free, ConvertLayout hands it the layout its input arrives in
+    (``expand_dims(nhwc, 1)`` is "NCHWD"), and TVM 0.27 legalizes a conv3d with such a layout into
+    wrong results (ChannelNet's channel-wise convs, Conv3d over unsqueezed channels: 99% wrong).
     """
-    return [_clip_as_min_max(), _nonnegative_axes(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+    return [_clip_as_min_max(), _nonnegative_axes(),
+            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv3d": ["NCDHW", "OIDHW"]}),
             _transpose_constants(), _channel_moves_in_nhwc(), relax.transform.DeadCodeElimination()]
 
 
@@ -611,8 +615,15 @@ class ConvLike(_CpuRule):
                 e_loops = sch.get_loops(epilogue_block)[1:]
                 if e_loops and _extent(sch, e_loops[-1]) == width:
                     e_count, e_vector = sch.split(e_loops[-1], [count, vector])
-                    for loop in [*e_loops[:-1], e_count]:
-                        sch.unroll(loop)
+                    # Unroll a tile-sized epilogue only. One that broadcasts the tile over a larger
+                    # map (a squeeze-excite gate: a 1x1 conv's output times a 14x14 feature map)
+                    # would unroll rows x cols x count bodies (mnasnet_a1: 14*14*21, ~40 s of LLVM
+                    # per kernel); its outer loops stay plain loops.
+                    outer_extents = [_extent(sch, loop) for loop in e_loops[:-1]]
+                    if all(e is not None for e in outer_extents) and int(np.prod(outer_extents)) <= rows:
+                        for loop in e_loops[:-1]:
+                            sch.unroll(loop)
+                    sch.unroll(e_count)
                     sch.vectorize(e_vector)
             except Exception as exc:  # noqa: BLE001 - keep the epilogue as its own loop nest
                 logger.debug("epilogue of %s not fused: %s", anchor_name, exc)

@@ -163,3 +163,20 @@ def test_bn_before_zero_padded_conv_is_declined():
     model = bn_model(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1))
     check_pass("fold_bn_before_conv", model, (torch.randn(2, 4, 7, 7),), stats={}, ops_after={"batch_norm": 1},
                declines=["zero-pads a shifted input"])
+
+
+def test_chain_of_affine_steps_before_conv_folds_in_one_run():
+    """Fuzzer regression (tests/passes/test_fuzz_passes.py): x * -1 + 0 -> BN -> conv left the
+    'mul' (and the BN) for a second run, which check_pass's idempotency check caught; the folded
+    conv is now looked at again until its input is no affine step."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 3, 3, padding=2, padding_mode="circular")
+
+        def forward(self, x):
+            return self.conv(self.bn(x * -1.0 + 0.25))
+
+    check_pass("fold_bn_before_conv", randomize_norm_stats(M()).eval(), (torch.randn(2, 4, 10, 10),),
+               stats={"bn_conv": 1, "affine_conv": 2}, ops_after={"batch_norm": 0, "mul": 0, "add": 0, "conv2d": 1})

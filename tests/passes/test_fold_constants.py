@@ -71,3 +71,42 @@ def test_large_expansions_stay_computed():
             return x + self.bias.expand(1, 4, 512, 512)
     gm, result = check_pass({"name": "fold_constant_subgraphs", "max_bytes": 1 << 16}, Expand(),
                             [torch.randn(1, 4, 512, 512)], stats={}, declines=["would store"])
+
+
+def test_a_folded_result_read_by_another_folded_result():
+    """Found by the pytorchcv corpus (isqrtcovresnet18): a constant read at run time and by another
+    constant that is read at run time. Folding the first rewired the second's input to the new
+    buffer, which the size check did not know (KeyError)."""
+
+    class SharedConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            a = self.w.repeat(2)
+            return x + a + a * 2
+
+    gm, _ = check_pass("fold_constant_subgraphs", SharedConstant(), [torch.randn(3, 8)],
+                       stats={"constant_subgraph": 2, "constant_ops": 3})
+    assert not hasattr(gm, "w")
+
+
+def test_a_constant_written_through_a_view_is_not_folded():
+    """Found by the pytorchcv corpus (isqrtcovresnet18, captured by torch.export): ``y =
+    torch.zeros(...); y[:, i] = ...`` is select(zeros) -> aten.copy_. Neither the zeros nor the
+    select is a constant: folding them dropped every write (outputs 100% wrong)."""
+
+    class FillSlices(nn.Module):
+        def forward(self, x):
+            y = torch.zeros(1, 2, 4, 3, 3)
+            y[:, 0] = x
+            y[:, 1] = x * 2
+            return y[:, 0] + y[:, 1]
+
+    x = torch.randn(1, 4, 3, 3)
+    optimized = fxopt.optimize(FillSlices().eval(), (x,), "canonicalize,eliminate_noops,fold_constant_subgraphs",
+                               capture="export")  # verifies against eager
+    assert optimized.report.capture == "export"
+    assert optimized.report.passes[-1].stats.get("constant_subgraph", 0) == 0
+    torch.testing.assert_close(optimized.module(x), 3 * x)

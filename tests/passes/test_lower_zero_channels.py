@@ -227,3 +227,16 @@ def test_property_random_zero_units_lower_exactly(spec, seed, data):
     assert removed <= len(chosen)
     if not result.declines:
         assert removed == len(chosen), (removed, [u.channels for u in chosen], gm.graph)
+
+
+def test_channels_that_only_read_removed_channels_go_in_the_same_run():
+    """Fuzzer regression (tests/passes/test_fuzz_passes.py): removing conv a's zero channel 0
+    left conv b's row 0 all zero (it read only that channel), which a second run removed (not
+    idempotent). The pass now repeats until a round removes nothing."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 3, 1, bias=False), nn.Conv2d(3, 2, 3))
+    with torch.no_grad():
+        model[0].weight[0] = 0
+        model[1].weight[0, 1:] = 0  # row 0 reads channel 0 only
+    gm, result = check_pass("lower_zero_channels", model.eval(), (torch.randn(2, 4, 6, 6),))
+    assert result.stats["channels_removed"] == 2
+    assert [m.out_channels for m in gm.modules() if isinstance(m, nn.Conv2d)] == [3, 2, 2]

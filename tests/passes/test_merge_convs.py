@@ -282,3 +282,35 @@ def test_property_random_residual_chains(specs, seed):
     assert counts["add"] == 1 - result.stats["residual_absorbed"]
     if counts["conv2d"] == 1:
         assert counts["add"] == 0  # a fully merged chain takes its identity skip with it
+
+
+
+# the smallest failing recipe the fuzzer found (tests/fuzz_graphs.py): three summed branches of
+# 1x1 convs after a pad (two of them conv -> conv, one conv -> BN -> sparse conv)
+THREE_BRANCHES = {
+    "input": [2, 4, 11, 10], "seed": 1963, "head": None, "body": [
+        {"op": "pad", "pad": [1, 1, 1, 1], "value": 0.5},
+        {"op": "branches", "mode": "add", "identity": False, "branches": [
+            [{"op": "conv", "out": 5, "k": [1, 1], "stride": 2, "dilation": 1, "groups": 1, "padding": [0, 0],
+              "bias": False, "mode": "zeros", "zero_out": [], "density": None},
+             {"op": "conv", "out": 5, "k": [1, 1], "stride": 1, "dilation": 1, "groups": 1, "padding": [0, 0],
+              "bias": True, "mode": "zeros", "zero_out": [], "density": None}],
+            [{"op": "conv", "out": 5, "k": [1, 1], "stride": 2, "dilation": 1, "groups": 1, "padding": [0, 0],
+              "bias": False, "mode": "zeros", "zero_out": [], "density": None}],
+            [{"op": "conv", "out": 5, "k": [1, 1], "stride": 2, "dilation": 1, "groups": 1, "padding": [0, 0],
+              "bias": True, "mode": "zeros", "zero_out": [], "density": None},
+             {"op": "bn", "affine": True, "track": True},
+             {"op": "conv", "out": 5, "k": [1, 1], "stride": 1, "dilation": 1, "groups": 1, "padding": [0, 0],
+              "bias": False, "mode": "zeros", "zero_out": [0, 1, 3, 4], "density": 0.3}]]}]}
+
+
+def test_every_branch_merges_in_one_run():
+    """Fuzzer regression (tests/passes/test_fuzz_passes.py): merging the spine's branch made
+    another branch the longest path, so a second run merged it (check_pass: not idempotent).
+    The pass now repeats on the new spine, merging only convs it has not made."""
+    from fuzz_graphs import build
+
+    model, inputs = build(THREE_BRANCHES)
+    gm, result = check_pass(MERGE, model, inputs, before=["canonicalize"])
+    assert result.stats["merged_groups"] >= 2  # more than the spine's group
+    assert op_counts(gm)["conv2d"] < 5

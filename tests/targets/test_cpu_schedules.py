@@ -247,3 +247,58 @@ def test_one_dimensional_pools_build_and_match_eager():
     compiled = fxopt.compile(model, (x,), target="host")
     other = torch.randn(1, 3, 32)
     torch.testing.assert_close(compiled.run(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+class SqueezeExcite(nn.Module):
+    """An SE gate between NHWC convs: the gate's 1x1 conv fuses with the multiply that broadcasts
+    its 1x1 output over the 14x14 map."""
+
+    def __init__(self, c=672, r=28):
+        super().__init__()
+        self.conv, self.project = nn.Conv2d(8, c, 1), nn.Conv2d(c, 8, 1)
+        self.reduce, self.expand = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        s = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        return self.project(x * torch.sigmoid(self.expand(s)))
+
+
+def test_broadcast_epilogue_is_not_unrolled_and_matches_eager():
+    """Found by the pytorchcv corpus (mnasnet_a1): ConvLike unrolled the fused epilogue's loops,
+    which for a broadcasting one are the whole 14x14 map (14*14*21 bodies): LLVM took ~40 s per
+    kernel (this model: 161 s to build, now a few)."""
+    x = torch.randn(1, 8, 14, 14)
+    _, mod = _scheduled(SqueezeExcite().eval(), x, "host")
+    gates = {name: f for name, f in _prim_funcs(mod).items() if "sigmoid_multiply" in name}
+    assert gates and all(str(f.attrs[cs.SCHEDULE_ATTR]) == "ConvLike" for f in gates.values())
+    assert not any("T.unroll(T.int64(14))" in f.script() for f in gates.values())
+    model = SqueezeExcite().eval()
+    compiled = fxopt.compile(model, (x,), target="host")
+    other = torch.randn(1, 8, 14, 14)
+    reference = model(other)
+    torch.testing.assert_close(compiled.run(other), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+class ChannelwiseConv(nn.Module):
+    """ChannelNet's channel-wise conv: a Conv3d sliding over the channels of an unsqueezed NCHW
+    map, here after an NHWC conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(16, 16, 1)
+        self.conv3d = nn.Conv3d(1, 2, (8, 1, 1), stride=(2, 1, 1), padding=(3, 0, 0), bias=False)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2d(x))
+        return self.conv3d(y.unsqueeze(1)).reshape(x.shape)
+
+
+def test_conv3d_after_an_nhwc_conv_keeps_its_layout_and_matches_eager():
+    """Found by the pytorchcv corpus (channelnet): ConvertLayout gave the conv3d the layout of
+    expand_dims(NHWC) ("NCHWD"), which TVM 0.27 legalizes into wrong results (99% of outputs)."""
+    model, x = ChannelwiseConv().eval(), torch.randn(1, 16, 4, 4)
+    compiled = fxopt.compile(model, (x,), target="host", pipeline="none")
+    other = torch.randn(1, 16, 4, 4)
+    reference = model(other)
+    torch.testing.assert_close(compiled.run(other), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
