@@ -28,11 +28,19 @@ demo: $(STAMP)
 # host g++ also builds fxopt's instruction-counting qemu plugin (targets/runtime/
 # qemu_insn_plugin.cc declares the plugin API itself: no qemu headers or deb-src needed).
 # qemu-user, not qemu-user-static: a static qemu cannot load plugins.
-CROSS_DEBS := g++ g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user
+# chromium (headless) loads the HTML report in tests/test_report_html.py; graphviz's dot lays out
+# the report's graphs (without it the report draws them with a layout of its own).
+# gcc-riscv64-unknown-elf + picolibc build standalone firmware for riscv32-mcu (multilib: rv32
+# included); qemu-system-misc runs it bare metal (qemu-system-riscv32, virt machine).
+CROSS_DEBS := g++ g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user chromium graphviz \
+  gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-misc
 cross-deps:
 	@command -v g++ >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null \
 	  && command -v riscv64-linux-gnu-g++ >/dev/null \
 	  && command -v qemu-riscv64 >/dev/null && command -v qemu-aarch64 >/dev/null \
+	  && command -v chromium >/dev/null && command -v dot >/dev/null \
+	  && command -v riscv64-unknown-elf-gcc >/dev/null && command -v qemu-system-riscv32 >/dev/null \
+	  && test -f /usr/lib/picolibc/riscv64-unknown-elf/picolibc.specs \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CROSS_DEBS) >/dev/null; }
 
 test: $(STAMP) cross-deps

@@ -9,6 +9,7 @@ temporary sibling directory and renamed into place, so a failure leaves nothing 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -45,6 +46,10 @@ def is_build(path: Path) -> bool:
 def check_destination(path: Path, force: bool) -> None:
     """An existing path may be replaced only if it is an fxopt build, an empty directory, or forced."""
     if not path.exists():
+        existing = next((p for p in path.parents if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):  # before any work
+            raise ArtifactError(f"cannot write the build directory {path}: {existing} is not writable; "
+                                "choose a writable output directory")
         return
     if not path.is_dir():
         raise ArtifactError(f"output path {path} exists and is a file: choose another output directory")
@@ -74,8 +79,14 @@ def write(
     """Write a complete build directory at ``path`` (atomically replacing an earlier build)."""
     path = Path(path).resolve()
     check_destination(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(path)
+        # the writer's pid in the name: a later build can tell a killed build's leftovers
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write the build directory {path}: {exc.strerror or exc} "
+                            f"({exc.filename or path.parent}); choose a writable output directory") from exc
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build directory is an ordinary one
@@ -98,9 +109,33 @@ def write(
     return path
 
 
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Remove what a killed build into ``path`` left beside it (``.NAME.partial-PID-*`` staging,
+    ``.NAME.old-PID-*`` retired builds) when process PID is gone; a live build's are kept.
+    SIGKILL runs no cleanup, so the next build into the same path does it. Returns the removed."""
+    removed = []
+    for kind in ("partial", "old"):
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+            pid = leftover.name[len(f".{path.name}.{kind}-"):].split("-", 1)[0]
+            if leftover.is_dir() and (not pid.isdigit() or not _alive(int(pid))):
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _swap_into_place(staging: Path, path: Path) -> None:
     if path.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
         path.rename(retired / "build")
         staging.rename(path)
         shutil.rmtree(retired, ignore_errors=True)
@@ -117,10 +152,18 @@ class Manifest:
         return self.path / name
 
     def golden_inputs(self) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.load(self.file(e["golden"]))) for e in self.data["inputs"]]
+        return [self._golden(e["golden"]) for e in self.data["inputs"]]
 
     def golden_outputs(self) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.load(self.file(e["golden"]))) for e in self.data["outputs"]]
+        return [self._golden(e["golden"]) for e in self.data["outputs"]]
+
+    def _golden(self, name: str) -> torch.Tensor:
+        # never unpickle anything from a build directory: a .npy holding Python objects is refused
+        try:
+            return torch.from_numpy(np.load(self.file(name), allow_pickle=False))
+        except (ValueError, OSError, TypeError) as exc:
+            raise ArtifactError(f"{self.file(name)} is not a plain numeric .npy array ({exc}): fxopt never "
+                                "unpickles files from a build directory; rebuild it") from exc
 
 
 def read_manifest(path: str | Path) -> Manifest:

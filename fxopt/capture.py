@@ -139,13 +139,37 @@ def load_program(path: str | Path) -> ExportedProgram:
     if not path.is_file():
         raise InputError(f"MODEL {str(path)!r}: file does not exist")
     try:
-        with _quiet(), _quiet_logs("torch.export"):
+        with _quiet(), _quiet_logs("torch.export"), _weights_only_loads():
             return torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
+        if "Weights only load failed" in str(exc):
+            raise InputError(
+                f"MODEL {str(path)!r} holds pickled Python objects besides tensors: fxopt does not unpickle them "
+                "(unpickling a file can run any code; torch.load runs with weights_only=True); save the program "
+                "again with torch.export.save from a model of tensors only, if you trust where it came from"
+            ) from exc
         raise InputError(
             f"MODEL {str(path)!r} is not a saved ExportedProgram ({type(exc).__name__}: {_first_line(exc)}); "
             "write it with torch.export.save(torch.export.export(model.eval(), inputs), 'model.pt2')"
         ) from exc
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """torch.export.load retries a failed ``torch.load(weights_only=True)`` with
+    ``weights_only=False`` (full unpickling: a crafted .pt2 could run code). While a program
+    loads, every torch.load is weights-only, so such a file fails instead."""
+    original = torch.load
+
+    def weights_only(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _first_line(exc: BaseException) -> str:

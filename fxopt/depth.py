@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxopt import ir, kernels, planfile, spec
+from fxopt import ir, kernels, planfile, progress, spec
 from fxopt.calibration import calibration_batch, float64_outputs, relative_error
 from fxopt.errors import InputError
 from fxopt.passes.merge_convs import ConvChain, Group, apply_plan, conv_cost_module, group_cost, optimal_partition
@@ -63,13 +63,18 @@ class DepthPlan:
     calibration_error: float | None = None  # relative squared output error of the planned model
     notes: list[str] = field(default_factory=list)  # what makes the figures less reliable
     format: str = FORMAT
+    # what planning did, for the HTML report (fxopt.report.Report: the optimize() run, the conv
+    # latency table, the trade-off curve); not saved in the plan file
+    report: Any = field(default=None, repr=False, compare=False)
 
     @property
     def predicted_speedup(self) -> float:
         return self.baseline / self.predicted if self.predicted > 0 else math.inf
 
     def to_json(self) -> dict:
-        return {**asdict(self), "predicted_speedup": round(self.predicted_speedup, 4)}
+        data = asdict(self)
+        data.pop("report", None)
+        return {**data, "predicted_speedup": round(self.predicted_speedup, 4)}
 
     def save(self, path: str | Path) -> Path:
         return planfile.save(path, self.to_json())
@@ -285,6 +290,7 @@ def plan_depth(
         say(notes[-1])
     segments, partitions = {}, {}
     started = time.perf_counter()
+    table_bar = progress.bar(n, f"latency table on {target.name}", unit="conv")
     for a in range(n):
         for b in range(a + 1, min(n, a + max_span) + 1):
             if any(chain.gaps[k].barrier for k in range(a, b - 1)):
@@ -298,6 +304,8 @@ def plan_depth(
                 segments[(a, b)] = (total, None)
                 partitions[(a, b)] = [(a + i, a + j) for i, j in partition]
         say(f"latency table: convs from {a + 1}/{n} ({time.perf_counter() - started:.0f} s)")
+        table_bar.update()
+    table_bar.close()
     damage = _damage_table(gm, chain, segments, calib, importance, say)
     segments = {key: (cost, damage[key]) for key, (cost, _) in segments.items()}
 
@@ -313,7 +321,52 @@ def plan_depth(
     planned = _planned(gm, plan)
     plan.calibration_error = relative_error(float64_outputs(gm, calib), float64_outputs(planned, calib))
     plan.notes = notes
+    plan.report = _report(optimized.report, plan, chain, singles, segments, solution, baseline, target, precision,
+                          importance is not None)
     return plan
+
+
+def _report(report, plan: DepthPlan, chain: ConvChain, singles: list[float], segments, solution: Solution,
+            baseline, target, precision: int, custom_importance: bool):
+    """``report`` (optimize()'s) with the plan's conv latency table and its trade-off curve: the
+    least damage within each of a range of budgets, from the cheapest plan to the cheapest one
+    that removes nothing."""
+    n = len(chain)
+    report.layers = {"unit": baseline.unit, "backend": baseline.backend, "target": target.name,
+                     "rows": [{"name": chain.name(k), "kind": "conv2d", "value": float(singles[k])} for k in range(n)],
+                     "note": "each conv of the main path measured alone, less one call's overhead (the plan's latency table)"}
+
+    def removed(boundaries: list[int]) -> int:
+        return sum(1 for a, b in zip(boundaries, boundaries[1:]) for k in range(a, b - 1)
+                   if chain.gaps[k].activation is not None)
+
+    low = min_cost(n, segments)
+    whole = solve(n, segments, sum(cost for cost, _ in segments.values()), precision)
+    high = whole.cost if whole is not None else plan.budget - plan.remainder
+    curve = {}
+    for i in range(25):
+        budget = low + (high - low) * i / 24
+        found = solve(n, segments, budget * (1 + 1e-9), min(precision, 400))
+        for point in (found, whole, solution) if i == 24 else (found,):
+            if point is not None:
+                curve[tuple(point.boundaries)] = {"latency": plan.remainder + point.cost, "damage": point.damage,
+                                                  "removed": removed(point.boundaries)}
+    # (coarse budget steps can find a plan that a finer one dominates: keep the Pareto front)
+    front, best = [], math.inf
+    for point in sorted(curve.values(), key=lambda p: (p["latency"], p["damage"])):
+        if point["damage"] < best:
+            front.append(point)
+            best = point["damage"]
+    report.depth = {"unit": plan.unit, "baseline": plan.baseline, "remainder": plan.remainder, "goal": plan.budget,
+                    "chosen": {"latency": plan.predicted, "damage": solution.damage,
+                               "removed": len(plan.removed_activations)},
+                    "curve": front,
+                    "calibration_error": plan.calibration_error,
+                    "removed_activations": plan.removed_activations, "merges": plan.merges,
+                    "damage": ("the importance lost (importance() of the model less that of the model without the "
+                               "activations)") if custom_importance else
+                              "the relative squared error of the output on the calibration batch"}
+    return report
 
 
 def _plan(name, target, inputs, baseline, remainder, goal, chain, solution, segments, partitions) -> DepthPlan:

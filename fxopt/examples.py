@@ -99,3 +99,31 @@ def tiny_mobilenetv2(seed: int = 0) -> TinyMobileNetV2:
     """TinyMobileNetV2 (1x32x32 inputs, 10 classes) with seeded weights and BN statistics."""
     torch.manual_seed(seed)
     return randomize_norm_stats(TinyMobileNetV2(), seed).eval()
+
+
+class SensorCNN(nn.Module):
+    """A 1D-conv network for human activity recognition from sensor windows: ``channels``
+    accelerometer axes x ``samples`` readings in, ``num_classes`` activity scores out. Sized for a
+    microcontroller (about 7k weights, 28 KB in float32): three conv-BN-ReLU layers (the second
+    and third strided), a global average over time (``mean``) and a linear head."""
+
+    def __init__(self, channels: int = 3, num_classes: int = 6, width: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(channels, width, 5, stride=2, padding=2, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.Conv1d(width, 2 * width, 5, stride=2, padding=2, bias=False), nn.BatchNorm1d(2 * width), nn.ReLU(inplace=True),
+            nn.Conv1d(2 * width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(2 * width),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (x.mean, not nn.AdaptiveAvgPool1d: fxopt's CPU pipeline fails on 1D pooling with TVM 0.27)
+        return self.head(self.features(x).mean(dim=-1))
+
+
+def sensor_cnn(seed: int = 0) -> SensorCNN:
+    """SensorCNN (1x3x128 windows, 6 activities) with seeded weights and BN statistics; build it for a
+    microcontroller with ``fxopt build fxopt.examples:sensor_cnn --input-shape 1x3x128 --target riscv32-mcu``."""
+    torch.manual_seed(seed)
+    return randomize_norm_stats(SensorCNN(), seed).eval()

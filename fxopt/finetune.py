@@ -8,7 +8,7 @@ KL divergence between their temperature-softened outputs, plus, when the loader 
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from typing import Any, Callable, Iterable
 
@@ -16,7 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fxopt import progress as progress_bars
 from fxopt.errors import InputError
+
+log = logging.getLogger("fxopt.finetune")
 
 
 def distill(
@@ -37,9 +40,10 @@ def distill(
     ``loader`` yields input tensors, or (inputs, labels) pairs (a torch DataLoader of a
     TensorDataset does). Loss: T²·KL(softmax(t/T) ‖ softmax(s/T)) over the last dim (T =
     ``temperature``), + ``label_weight``·CE(s, labels). The optimizer defaults to AdamW(lr).
-    ``progress``: a line per epoch on stderr with a bar over the batches (True), nothing
-    (False), or a callable given each line. The teacher runs in eval mode without gradients;
-    the student is left in eval mode.
+    ``progress``: a bar over each epoch's batches with the time left (on a terminal, see
+    ``fxopt.progress``) and a line per epoch logged at INFO on logger ``fxopt.finetune`` (True),
+    nothing (False), or a callable given each epoch's line. The teacher runs in eval mode
+    without gradients; the student is left in eval mode.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs={epochs!r} must be a positive integer")
@@ -51,13 +55,14 @@ def distill(
     if not parameters:
         raise InputError("the student has no trainable parameters (requires_grad is False everywhere)")
     optimizer = optimizer or torch.optim.AdamW(parameters, lr=lr)
-    say = progress if callable(progress) else (_stderr if progress else None)
+    say = progress if callable(progress) else (log.info if progress else None)
     teacher.eval()
     history = []
     for epoch in range(1, epochs + 1):
         student.train()
         total, batches, started = 0.0, 0, time.perf_counter()
         size = len(loader) if hasattr(loader, "__len__") else None
+        bar = progress_bars.bar(size, f"epoch {epoch}/{epochs}", unit="batch", show=progress is True)
         for batch in loader:
             inputs, labels = _split(batch)
             with torch.no_grad():
@@ -71,14 +76,15 @@ def distill(
             optimizer.step()
             total += float(loss.detach())
             batches += 1
-            if say is _stderr and size:
-                _stderr(f"\repoch {epoch}/{epochs} {_bar(batches / size)} loss {total / batches:.4f}", end="")
+            bar.update()
+            bar.set_postfix_str(f"loss {total / batches:.4f}")
+        bar.close()
         if batches == 0:
             raise InputError("the loader yielded no batches")
         history.append(total / batches)
         if say is not None:
             line = f"epoch {epoch}/{epochs}: loss {history[-1]:.4f} ({batches} batches, {time.perf_counter() - started:.1f} s)"
-            say(("\r" + line) if say is _stderr and size else line)
+            say(line)
     student.eval()
     return history
 
@@ -103,11 +109,3 @@ def _split(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         return tuple(batch), None
     raise InputError(f"the loader yielded a {type(batch).__name__}: give input tensors or (inputs, labels) pairs")
 
-
-def _bar(fraction: float, width: int = 24) -> str:
-    filled = int(round(fraction * width))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def _stderr(text: str, end: str = "\n") -> None:
-    print(text, end=end, file=sys.stderr, flush=True)

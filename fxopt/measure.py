@@ -444,18 +444,26 @@ def _load(root: Path, key: str) -> Measurement | None:
     path = root / f"{key}.json"
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("format") != _FORMAT:
+            return None  # another fxopt version's entry: measured again and rewritten
         samples = tuple(data["samples"])
         ok = (data["format"] == _FORMAT and data["key"] == key and data["unit"] in ("s", "insn")
               and data["backend"] in BACKENDS and isinstance(data["target"], str) and samples
               and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in samples)
               and isinstance(data["value"], (int, float)) and isinstance(data["settings"], dict))
         if not ok:
-            return None
+            raise ValueError("fields of the wrong kind")
         return Measurement(value=data["value"], unit=data["unit"], samples=samples, backend=data["backend"],
                            target=data["target"], cached=True, key=key, isa=str(data.get("isa", "")),
                            settings=data["settings"], notes=tuple(map(str, data.get("notes", ()))))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # missing or unreadable: measured again and rewritten
+    except FileNotFoundError:
+        return None  # not measured yet
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        import warnings  # damaged (a truncated write, a disk error, an edit): never trusted
+
+        warnings.warn(f"fxopt.measure: the cache entry {path} is damaged ({type(exc).__name__}: {exc}); "
+                      "it is not used: measuring again and rewriting it", stacklevel=3)
+        return None
 
 
 def _store(root: Path, result: Measurement, identity: dict) -> None:

@@ -85,7 +85,8 @@ class Pass:
 
     @classmethod
     def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        # the docstring's first paragraph, which may wrap over several lines
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """Raise PreconditionError with a reason when the pass cannot run on this graph."""

@@ -1,7 +1,19 @@
 """What a run of fxopt did: one row per pass, plus verification and build figures.
 
 The report records the pipeline spec that actually ran, as one line of text, so any build can
-be replayed from it. It prints as a table and saves as JSON.
+be replayed from it. It prints as a table, saves as JSON, and renders as one self-contained HTML
+page (``save_html``, see ``fxopt.report_html``) with the graph before and after, per-layer
+latency on the target, weight density per layer and, for depth plans, the latency-vs-damage
+curve.
+
+Optional sections (None when the run did not produce them):
+
+``graph_before`` / ``graph_after``  ``snapshot_graph``: one entry per fx node (name, op, kind,
+                                    inputs, shape, params, a signature of its weights)
+``layers``                          per-layer cost on the target (``fxopt.layers``, or a depth
+                                    plan's conv table): unit, backend, target, rows
+``sparsity``                        per conv/linear layer: density and the dense/sparse choice
+``depth``                           a depth plan's trade-off curve and its chosen point
 """
 
 from __future__ import annotations
@@ -35,6 +47,11 @@ class Report:
     passes: list[PassRow] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     build: dict[str, Any] | None = None
+    graph_before: dict[str, Any] | None = None
+    graph_after: dict[str, Any] | None = None
+    layers: dict[str, Any] | None = None
+    sparsity: list[dict[str, Any]] | None = None
+    depth: dict[str, Any] | None = None
 
     def add_pass(self, p, result, before: dict, after: dict, iteration: int | None) -> None:
         declines = Counter(f"{d.rule}: {d.reason}" for d in result.declines)
@@ -54,6 +71,17 @@ class Report:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    def to_html(self, title: str | None = None) -> str:
+        """The report as one self-contained HTML page (inline SVG and CSS, no scripts fetched)."""
+        from fxopt import report_html
+
+        return report_html.render(self, title=title)
+
+    def save_html(self, path: str | Path, title: str | None = None) -> Path:
+        path = Path(path)
+        path.write_text(self.to_html(title), encoding="utf-8")
         return path
 
     def to_text(self) -> str:
@@ -96,7 +124,98 @@ class Report:
             elif check is not None:
                 lines.append(f"build check vs eager, run {check.get('ran', 'natively')}: {'ok' if check['ok'] else 'FAILED'}, "
                              f"max abs error {check['max_abs_error']:.3g}, relative to output scale {check['max_rel_error']:.3g}")
+        if self.sparsity and any(row.get("choice") == "sparse" for row in self.sparsity):
+            sparse = [row for row in self.sparsity if row.get("choice") == "sparse"]
+            lines.append(f"sparse kernels: {len(sparse)} of {len(self.sparsity)} layers ("
+                         + ", ".join(f"{row['name']} {row.get('block', '')} density {row['density']:.2f}" for row in sparse[:4])
+                         + (", ..." if len(sparse) > 4 else "") + ")")
+        if self.layers and self.layers.get("rows"):
+            rows = self.layers["rows"]
+            slowest = max(rows, key=lambda row: row["value"])
+            lines.append(f"per-layer cost on {self.layers.get('target')}: {len(rows)} layers, slowest {slowest['name']} "
+                         f"{_cost(slowest['value'], self.layers.get('unit', 's'))}")
         return "\n".join(lines)
+
+
+def snapshot_graph(gm) -> dict[str, Any]:
+    """What the report draws of an fx graph: per node its name, op, canonical kind, input node
+    names, output shape, parameter count and a signature of its weights (shape and sum, so that
+    a fold that rewrites a conv's weights in place shows as a change). Cheap: no copy of the
+    module is kept."""
+    from torch import fx
+
+    from fxopt import ir
+
+    nodes = []
+    for node in gm.graph.nodes:
+        inputs: list[str] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(n.name))
+        kind, params, signature = None, 0, ""
+        if node.op in ("call_module", "call_function", "call_method"):
+            try:
+                kind = ir.op_key(node, gm)
+            except Exception:  # a report never fails a run
+                kind = None
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            kind = kind or type(module).__name__
+            tensors = list(module.parameters()) + list(module.buffers())
+            params = sum(t.numel() for t in tensors)
+            signature = ";".join(f"{list(t.shape)}:{float(t.detach().double().sum()):.6g}"
+                                 for t in tensors if t.is_floating_point())
+        elif node.op == "call_function":
+            kind = kind or getattr(node.target, "__name__", str(node.target))
+        elif node.op == "call_method":
+            kind = kind or str(node.target)
+        elif node.op == "get_attr":
+            kind = "constant"
+        shape = ir.shape_of(node) if node.op != "output" else None
+        nodes.append({"name": node.name, "op": node.op, "kind": kind or node.op, "target": node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target)),
+                      "inputs": inputs, "shape": list(shape) if shape is not None else None, "params": params,
+                      "signature": signature})
+    return {"nodes": nodes}
+
+
+def sparsity_table(gm, declines: Any = ()) -> list[dict[str, Any]]:
+    """Per conv/linear layer of ``gm``: density of its weights and whether it runs a sparse kernel
+    (with the block shape and measured figures) or stays dense (with ``lower_sparse_weights``'s
+    reason where it gave one; ``declines`` are the run's ``pass_manager.Decline`` records)."""
+    from fxopt import ir, sparse_ops
+
+    reasons = {d.node: d.reason for d in declines if getattr(d, "pass_name", "") == "lower_sparse_weights"}
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, sparse_ops._SparseWeights):
+                info = module.describe()
+                measured = node.meta.get("fxopt", {}).get("sparse", {}).get("measured")
+                rows.append({"name": node.name, "kind": info["kind"], "weight_shape": info["weight_shape"],
+                             "density": float(info["density"]), "choice": "sparse", "block": info["block"],
+                             "reason": _measured_note(measured)})
+                continue
+        key = ir.op_key(node, gm) if node.op in ("call_module", "call_function") else None
+        if key not in ("conv1d", "conv2d", "conv3d", "linear"):
+            continue
+        weight = ir.node_weight(gm, node)
+        if weight is None or not weight.is_floating_point():
+            continue
+        rows.append({"name": node.name, "kind": key, "weight_shape": list(weight.shape),
+                     "density": float(sparse_ops.density(weight)), "choice": "dense", "block": "",
+                     "reason": reasons.get(node.name, "")})
+    return rows
+
+
+def _measured_note(measured: dict[str, Any] | None) -> str:
+    if not measured:
+        return ""
+    unit = measured.get("unit", "s")
+    figures = {k: v for k, v in measured.items() if k not in ("unit", "layout_transposes") and isinstance(v, (int, float))}
+    return "measured: " + ", ".join(f"{k} {_cost(v, unit)}" for k, v in figures.items())
+
+
+def _cost(value: float, unit: str) -> str:
+    return f"{value * 1e3:.4g} ms" if unit == "s" else f"{value:,.0f} insn"
 
 
 def _tuning_line(t: dict[str, Any]) -> str:

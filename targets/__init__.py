@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 RUNNERS = ("native", "qemu", "rpc", "gpu")
+RUNTIMES = ("tvm", "standalone")  # the TVM runtime (Relax VM), or fxopt's standalone C (targets/standalone.py)
 OFFLOAD_LIBRARIES = ("cublas", "cudnn", "cutlass")  # vendor libraries a CUDA target may hand ops to
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -115,6 +116,10 @@ class Target:
     run_command: tuple[str, ...] = ()  # command prefix that runs the runner on the device (a board's ssh, say)
     base: str | None = None  # the target a preset or board file derives from
     offload: tuple[str, ...] = ()  # CUDA: libraries that take the ops their patterns match, in order
+    runtime: str = "tvm"  # default runtime; "standalone" for targets without an OS for the TVM runtime
+    cflags: tuple[str, ...] = ()  # C compiler flags of standalone builds (-march/-mabi of a microcontroller)
+    flash_bytes: int | None = None  # a board's flash; standalone builds that need more fail
+    ram_bytes: int | None = None  # a board's RAM (arena + static data + stack); None = no limit
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -147,6 +152,14 @@ class Target:
         if self.offload and self.tvm.get("kind") != "cuda":
             raise TargetError(f"target {self.name!r}: offload to {', '.join(self.offload)} is for CUDA targets; "
                               f"this one is {self.tvm.get('kind')}")
+        if self.runtime not in RUNTIMES:
+            raise TargetError(f"target {self.name!r}: runtime {self.runtime!r} is unknown; use one of {', '.join(RUNTIMES)}")
+        if not isinstance(self.cflags, tuple) or not all(isinstance(a, str) for a in self.cflags):
+            raise TargetError(f"target {self.name!r}: cflags must be a list of strings, got {self.cflags!r}")
+        for key in ("flash_bytes", "ram_bytes"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise TargetError(f"target {self.name!r}: {key} must be a positive number of bytes, got {value!r}")
         if not self.library or "/" in self.library:
             raise TargetError(
                 f"target {self.name!r}: library must be a plain file name, got {self.library!r}"
@@ -175,6 +188,7 @@ class Target:
         data["capabilities"] = asdict(self.capabilities)
         data["run_command"] = list(self.run_command)
         data["offload"] = list(self.offload)
+        data["cflags"] = list(self.cflags)
         return data
 
     def derive(self, name: str, description: str, *, tvm: Mapping[str, Any] | None = None, **changes: Any) -> "Target":
@@ -189,7 +203,7 @@ class Target:
         caps = data.pop("capabilities", {}) or {}
         _reject_unknown("field(s)", data, cls)
         _reject_unknown("capabilities", caps, Capabilities)
-        for key in ("run_command", "offload"):
+        for key in ("run_command", "offload", "cflags"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])
         try:
@@ -267,4 +281,4 @@ def list_targets() -> list[Target]:
 
 
 # Family modules register their targets on import.
-from . import arm, gpu, host, riscv  # noqa: E402,F401
+from . import arm, gpu, host, mcu, riscv  # noqa: E402,F401

@@ -6,6 +6,8 @@
     cores = 8
     qemu_cpu = "rv64,v=true,vlen=256"
     run_command = ["ssh", "k1"]       # optional: run the runner on the device itself
+    flash_bytes = 262144              # optional, microcontrollers: standalone builds that need more
+    ram_bytes = 65536                 # flash or RAM (arena + static data + stack) fail
     [tvm]                             # keys merged into the base target's TVM dict
     mcpu = "spacemit-x60"
     [capabilities]
@@ -23,7 +25,7 @@ from fxopt.errors import TargetError
 from . import Capabilities, Target, get_target
 
 _ALLOWED = {"base", "name", "description", "tvm", "capabilities", "cores", "qemu_cpu", "run_command",
-            "toolchain", "runner", "pipeline", "schedule", "offload"}
+            "toolchain", "runner", "pipeline", "schedule", "offload", "runtime", "cflags", "flash_bytes", "ram_bytes"}
 
 
 def load_board(path: str | Path) -> Target:
@@ -56,7 +58,7 @@ def load_board(path: str | Path) -> Target:
         if not isinstance(caps, dict) or set(caps) - known:
             raise TargetError(f"board file {path}: [capabilities] accepts {', '.join(sorted(known))}, got {caps!r}")
         changes["capabilities"] = Capabilities(**{**base.capabilities.__dict__, **caps})
-    for key in ("run_command", "offload"):
+    for key in ("run_command", "offload", "cflags"):
         if isinstance(changes.get(key), list):
             changes[key] = tuple(changes[key])
     try:

@@ -43,8 +43,7 @@ def command_prefix(target: Target) -> list[str]:
     if target.run_command:
         return list(target.run_command)
     if target.tvm.get("kind") != "llvm":
-        raise TargetError(f"a {target.name} build runs on its GPU; this machine cannot run it: copy the build "
-                          "directory to the device (see its README.txt)")
+        raise TargetError(f"a {target.name} build runs on its GPU, which this machine lacks")
     if target.arch == host_arch():
         return []
     if target.runner == "qemu":
@@ -87,7 +86,7 @@ def run(target: Target, runner: Path, library: Path, inputs: Sequence[np.ndarray
         if proc.returncode != 0:
             raise _failure(command, proc)
         outputs = sorted(scratch.glob("output_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
-        return [np.load(p) for p in outputs]
+        return [np.load(p, allow_pickle=False) for p in outputs]
 
 
 def count_instructions(target: Target, runner: Path, library: Path, inputs: Sequence[np.ndarray], *,
@@ -177,11 +176,22 @@ def readme(target: Target, library: str, inputs: int) -> str:
     prefix = command_prefix_or_none(target)
     runs = "cannot run on this machine" if prefix is None else " ".join(prefix) if prefix else "natively"
     input_args = " ".join(f"--input input_{i}.npy" for i in range(inputs))
+    if not ships_runner(target):  # a GPU build: a library for the TVM runtime of the device's own install
+        return f"""fxopt build for target {target.name}: {target.description}
+
+Files: {library} (the compiled model, for the TVM runtime), input_*.npy (golden inputs),
+expected_output_*.npy (what PyTorch computed), report.json, report.html,
+manifest.json (shapes, dtypes, versions and the sha256 of every file).
+
+There is no runner for this target: on a machine with the device and fxopt installed,
+    fxopt check <this directory>      # loads {library} with the TVM runtime, runs the golden input
+or load {library} with tvm.runtime.load_module and run it with tvm.relax.VirtualMachine.
+"""
     return f"""fxopt build for target {target.name}: {target.description}
 
 Files: {library} (the compiled model), {RUNNER} (runner with the TVM runtime linked in),
 input_*.npy (golden inputs), expected_output_*.npy (what PyTorch computed), report.json,
-manifest.json (shapes, dtypes, versions and the sha256 of every file).
+report.html, manifest.json (shapes, dtypes, versions and the sha256 of every file).
 
 On the device (copy this directory there):
     ./{RUNNER} {library} --check .                 # run the golden input, compare; exit 0 on a match

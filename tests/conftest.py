@@ -19,7 +19,8 @@ import shutil
 
 import pytest
 
-CROSS_TOOLS = ("aarch64-linux-gnu-g++", "riscv64-linux-gnu-g++", "qemu-aarch64", "qemu-riscv64")
+CROSS_TOOLS = ("aarch64-linux-gnu-g++", "riscv64-linux-gnu-g++", "qemu-aarch64", "qemu-riscv64",
+               "riscv64-unknown-elf-gcc", "qemu-system-riscv32")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +30,8 @@ def pytest_collection_modifyitems(config, items):
     if not missing or os.environ.get("FXOPT_REQUIRE_CROSS") == "1":
         return
     skip = pytest.mark.skip(reason=f"cross tier needs {', '.join(missing)}: apt-get install g++-aarch64-linux-gnu "
-                                   "g++-riscv64-linux-gnu qemu-user (make test does)")
+                                   "g++-riscv64-linux-gnu qemu-user gcc-riscv64-unknown-elf "
+                                   "picolibc-riscv64-unknown-elf qemu-system-misc (make test does)")
     for item in items:
         if "cross" in item.keywords:
             item.add_marker(skip)

@@ -354,7 +354,7 @@ def _serve(request: dict) -> dict:
         if request["threads"]:
             remote.get_function("runtime.config_threadpool")(1, int(request["threads"]))
         vm = relax.VirtualMachine(module, dev)
-        args = [tvm.runtime.tensor(np.load(path), dev) for path in request["inputs"]]
+        args = [tvm.runtime.tensor(np.load(path, allow_pickle=False), dev) for path in request["inputs"]]
         vm.set_input("main", *args)
         stage = "run"
         if request["warmup"]:

@@ -169,8 +169,23 @@ def _open_database(directory: Path, create: bool):
     try:
         return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=create, module_equality="structural")
     except Exception as exc:  # noqa: BLE001 - TVM raises several kinds for a damaged file
-        raise BuildError(f"the tuning database {directory} cannot be read: {_first_line(exc)}; delete the "
-                         "directory to start a new one") from exc
+        # A damaged database (a truncated write, an edit) is never trusted: its files are moved
+        # aside (kept for the user, not read again) and the target's database starts afresh.
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for name in (_WORKLOADS, _RECORDS, _INCOMPLETE):
+            if (directory / name).is_file():
+                (directory / name).rename(directory / f"{name}.damaged-{stamp}")
+                moved.append(f"{name}.damaged-{stamp}")
+        log.warning("the tuning database %s cannot be read (%s): not used; its files were moved aside (%s) and "
+                    "a new database is started", directory, _first_line(exc), ", ".join(moved))
+        if not create:
+            return None
+        try:
+            return ms.database.JSONDatabase(work_dir=str(directory), allow_missing=True, module_equality="structural")
+        except Exception as again:  # noqa: BLE001
+            raise BuildError(f"the tuning database {directory} cannot be read or started afresh: "
+                             f"{_first_line(again)}; delete the directory") from again
 
 
 def _workload_id(mod) -> str:
@@ -415,14 +430,14 @@ def _fmt_time(seconds: float) -> str:
 
 
 class _Progress:
-    """A one-line progress bar with an estimate of the time left, on stderr when it is a TTY."""
+    """A one-line progress bar with an estimate of the time left, on stderr when it is a TTY and
+    not quietened (``fxopt.progress.enabled``: ``fxopt --quiet`` turns it off)."""
 
     def __init__(self, total: int, stream=None) -> None:
+        from fxopt import progress
+
         self.stream = stream if stream is not None else sys.stderr
-        try:
-            self.enabled = bool(self.stream.isatty())
-        except (AttributeError, ValueError):
-            self.enabled = False
+        self.enabled = progress.enabled(self.stream)
         self.total = max(1, total)
         self.done = 0
         self.label = ""

@@ -139,6 +139,10 @@ def test_to_json_is_plain_json_and_round_trips(scratch_target):
         "run_command": [],
         "base": None,
         "offload": [],
+        "runtime": "tvm",
+        "cflags": [],
+        "flash_bytes": None,
+        "ram_bytes": None,
     }
     assert Target.from_json(data) == scratch_target
     assert Target.from_json(get_target("host").to_json()) == get_target("host")
