@@ -41,15 +41,17 @@ class Optimized:
         return its path. Before writing, it passes onnx.checker and runs in ONNX Runtime (when
         installed) against the reference on the example inputs and fresh random ones; fxopt's
         sparse layers are written dense. See fxopt.onnx_export.export."""
-        import logging
+        return _write_onnx(self.module, self.example_inputs, path, self.reference, opset=opset,
+                           dynamic_batch=dynamic_batch, check=check)
 
-        from fxopt import onnx_export
 
-        result = onnx_export.export(self.module, self.example_inputs, path, reference=self.reference, opset=opset,
-                                    dynamic_batch=dynamic_batch, check=check)
-        for note in result.notes:
-            logging.getLogger("fxopt").warning("%s", note)
-        return result.path
+def _write_onnx(module: fx.GraphModule, inputs, path, reference, **options) -> Path:
+    from fxopt import onnx_export
+
+    result = onnx_export.export(module, inputs, path, reference=reference, **options)
+    for note in result.notes:  # (sparse layers written dense)
+        logging.getLogger("fxopt").warning("%s", note)
+    return result.path
 
 
 def optimize(
@@ -184,15 +186,8 @@ class Compiled:
     def to_onnx(self, path: str | Path, *, opset: int = 17, dynamic_batch: bool = False, check: bool = True) -> Path:
         """The optimized graph this build was compiled from, as an ONNX file (see Optimized.to_onnx);
         checked in ONNX Runtime against that graph, which optimize verified against eager."""
-        import logging
-
-        from fxopt import onnx_export
-
-        result = onnx_export.export(self.module, self.example_inputs, path, opset=opset, dynamic_batch=dynamic_batch,
-                                    check=check)
-        for note in result.notes:  # (sparse layers written dense)
-            logging.getLogger("fxopt").warning("%s", note)
-        return result.path
+        return _write_onnx(self.module, self.example_inputs, path, None, opset=opset, dynamic_batch=dynamic_batch,
+                           check=check)
 
     def export(self, path: str | Path, force: bool = False) -> Path:
         """Write a deployment directory (complete or absent) and return its path."""

@@ -150,6 +150,7 @@ def model_and_inputs(args: argparse.Namespace, shapes: list[tuple[int, ...]]):
                 raise InputError(f"give one --input-dtype for all inputs or one per program input ({count}), "
                                  f"got {len(args.input_dtype)}")
             dtypes = [getattr(torch, d) for d in (args.input_dtype * count if len(args.input_dtype) == 1 else args.input_dtype)]
+        log.info("loaded %s: inputs %s", args.model, ", ".join(p.describe() for p in capture.program_inputs(model)))
         return model, capture.program_example_inputs(model, shapes or None, dtypes, seed=args.seed)
     dtypes = args.input_dtype or ["float32"]
     if len(dtypes) not in (1, len(shapes)):
@@ -186,8 +187,6 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    import torch
-
     import fxopt
     from fxopt import artifact
     from fxopt.targets import get_target
@@ -196,38 +195,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     artifact.check_destination(Path(args.output).resolve(), args.force)
     tune = tune_config(args, Path(args.output).resolve())
     shapes = [parse_shape(s) for s in args.input_shape]
-    saved = is_saved_program(args.model)
-    onnx_model = is_onnx_model(args.model)
-    if not shapes and not saved and not onnx_model:
-        raise InputError("give the shape of each example input with --input-shape (e.g. --input-shape 1x3x224x224); "
-                         "only a saved ExportedProgram (MODEL.pt2) or an ONNX model carries its own input shapes")
-    if args.input_dtype and len(args.input_dtype) not in (1, len(shapes)) and shapes:
-        raise InputError(f"give one --input-dtype for all inputs or one per --input-shape ({len(shapes)}), "
-                         f"got {len(args.input_dtype)}")
-    if saved:
-        from fxopt import capture
-
-        model = capture.load_program(args.model)
-        declared = capture.program_inputs(model)
-        dtypes = None
-        if args.input_dtype:
-            if len(args.input_dtype) not in (1, len(declared)):
-                raise InputError(f"give one --input-dtype for all inputs or one per program input ({len(declared)}), "
-                                 f"got {len(args.input_dtype)}")
-            names = args.input_dtype * len(declared) if len(args.input_dtype) == 1 else args.input_dtype
-            dtypes = [getattr(torch, d) for d in names]
-        inputs = capture.program_example_inputs(model, shapes or None, dtypes, seed=args.seed)
-        log.info("loaded %s: inputs %s", args.model, ", ".join(p.describe() for p in declared))
-    elif onnx_model:
-        model, inputs = load_onnx(args, shapes)
-    else:
-        dtypes = args.input_dtype or ["float32"]
-        dtypes = dtypes * len(shapes) if len(dtypes) == 1 else dtypes
-        model = build_model(args.model)
-        if model.training:
-            log.info("calling .eval() on the model: a deployment build is for inference")
-            model.eval()
-        inputs = _random_inputs(shapes, dtypes, args.seed)
+    model, inputs = model_and_inputs(args, shapes)
     pipeline = args.pipeline
     if args.depth_plan:
         from fxopt.depth import DepthPlan
@@ -236,7 +204,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         pipeline = plan.compile_pipeline(Path(args.depth_plan).resolve(), base=pipeline or target.pipeline, applied=False)
     compiled = fxopt.compile(model, inputs, target=target, pipeline=pipeline, verify=args.verify,
                              leaf_modules=args.leaf, capture=args.capture, tune=tune, runtime=args.runtime)
-    if saved or onnx_model:
+    if is_saved_program(args.model) or is_onnx_model(args.model):
         compiled.report.model = Path(args.model).name
     if args.layer_latency:
         from fxopt.layers import measure_layers

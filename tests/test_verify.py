@@ -97,3 +97,32 @@ def test_float64_arbitration_does_not_pass_a_nan():
 
     with pytest.raises(VerificationError, match="outputs differ"):
         verify.check_equivalent(nn.Identity(), NanWhereBig(), (torch.randn(4, 8) * 3,))
+
+
+class _Difference(nn.Module):
+    """x * w1 - x * w2 with w1 ~ w2: for inputs that are powers of two float32 computes it exactly,
+    so eager has no rounding error of its own, and one ulp on a weight is 6e-4 of the output."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(w1), nn.Parameter(w2)
+
+    def forward(self, x):
+        return x * self.w1 - x * self.w2
+
+
+def test_float64_arbitration_allows_for_float32_rounding_of_the_weights():
+    """A rewrite stores the weights it computes in float32 (a folded BN's scale times the conv
+    weight); in an ill-conditioned model that rounding alone exceeds eager's own float32 error
+    (pytorchcv menet108 with random BN statistics: 9x). One ulp off a weight passes; an error
+    a thousand times larger does not."""
+    w1 = torch.full((8,), 1.2345678)
+    w2 = w1 * (1 - 1e-4)
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0, -1.0, 2.0, -0.25, 8.0]])
+    reference = _Difference(w1, w2)
+    one_ulp = _Difference(torch.nextafter(w1, torch.tensor(2.0)), w2)
+    assert not verify.compare_outputs(reference(x), one_ulp(x), *verify.PASS_TOLERANCE).ok  # float32 alone says no
+    comparison = verify.check_equivalent(reference, one_ulp, (x,), trials=0)
+    assert comparison.ok and "rounding" in comparison.detail
+    with pytest.raises(VerificationError, match="outputs differ"):
+        verify.check_equivalent(reference, _Difference(w1 * (1 + 1e-7 * 1000), w2), (x,), trials=0)

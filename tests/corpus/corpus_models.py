@@ -105,13 +105,9 @@ ENTRIES: list[Entry] = [
     _e("darknet", "darknet", "darknet_ref"),
     _e("vgg", "vgg", "bn_vgg11"),
     _e("alexnet", "alexnet", "alexnet"),
-    _e("menet", "menet", "menet108_8x1_g3", known_issue=(
-        "float32 conditioning, not a wrong fold: with random BN statistics MENet's activations grow "
-        "unchecked, so storing the folded weights in float32 moves the logits by up to 7e-4 of their "
-        "scale (308) on one of verify's random inputs, 9x eager's own float32 error, and verify's "
-        "float64 arbitration (4x eager's error) rejects it. The same pipeline run on the float64 "
-        "model matches it to 1e-12. Fix: arbitrate with the reference's sensitivity to float32 "
-        "weight rounding (eager with 1-ulp weight noise), not only its arithmetic rounding.")),
+    # with random BN statistics MENet's activations grow unchecked: the folded weights' float32
+    # rounding moves the logits 9x eager's own float32 error (verify arbitrates with both)
+    _e("menet", "menet", "menet108_8x1_g3"),
     _e("vovnet", "vovnet", "vovnet27s"),
     _e("selecsls", "selecsls", "selecsls42"),
     _e("resnet-cifar", "resnet_cifar", "resnet20_cifar10", 32),
