@@ -64,11 +64,16 @@ def sections(text: str) -> dict[str, str]:
     return found
 
 
-def render(text: str) -> str:
-    """``text`` with every pass's generated block refreshed (and missing sections appended)."""
+def builtin_passes() -> dict:
+    """fxopt's own passes: the registry also holds any a user (or a test) registered."""
     from fxopt.pass_manager import registered_passes
 
-    for name, cls in registered_passes().items():
+    return {name: cls for name, cls in registered_passes().items() if cls.__module__.startswith("fxopt.")}
+
+
+def render(text: str) -> str:
+    """``text`` with every pass's generated block refreshed (and missing sections appended)."""
+    for name, cls in builtin_passes().items():
         block = generated(name, cls)
         pattern = re.compile(rf"<!-- generated: {name} [^\n]*-->\n.*?<!-- end generated: {name} -->", re.S)
         if pattern.search(text):
