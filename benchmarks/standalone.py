@@ -27,6 +27,7 @@ from fxopt.targets import tvm_backend as tb
 from fxopt.testing import randomize_norm_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "targets"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # (cross_models, which it imports)
 
 
 def models() -> dict:

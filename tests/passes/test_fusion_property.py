@@ -10,18 +10,10 @@ from torch import nn
 import fxopt
 from fxopt.testing import randomize_norm_stats
 
+from fuzz_graphs import Shuffle
+
 FUSION_PASSES = ["eliminate_noops", "fold_pad", "fold_constant_subgraphs", "fold_channel_permutation",
                  {"name": "fuse_siblings", "policy": "always"}]
-
-
-class Shuffle(nn.Module):
-    def __init__(self, groups):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 class Pad(nn.Module):
